@@ -1,0 +1,82 @@
+"""Optimizer step time as a ratio to torch.optim.Adam(fused=True), measured in the same run.
+
+    python benchmarks/bench_optim.py                 # 20M fp32 params in 200 tensors, 2 threads
+    python benchmarks/bench_optim.py --numel 2e6     # quicker
+
+Multi-gradient tableaux are timed on the optimizer's own work: the closure only puts
+stored gradients back into ``.grad``. Medians of ``--repeats`` timed steps after warm-up
+(the warm-up includes the one-time compile of the fused path, reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from lightning_imex.optim import IMEXAdam
+
+
+def median_ms(step: Callable[[], None], repeats: int, warmup: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--numel", type=float, default=20e6, help="total parameters")
+    parser.add_argument("--tensors", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tableaux", default="euler,trapezoidal,ssp3_433")
+    parser.add_argument("--skip-eager", action="store_true", help="time only the fused path")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    size = int(args.numel) // args.tensors
+    params = [torch.nn.Parameter(torch.randn(size)) for _ in range(args.tensors)]
+    grads = [torch.randn(size) for _ in range(args.tensors)]
+
+    def refill() -> float:
+        for p, g in zip(params, grads):
+            p.grad = g
+        return 0.0
+
+    def timed(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+        refill()
+        return median_ms(lambda: optimizer.step(refill), args.repeats, args.warmup)
+
+    rows = []
+    baseline, _ = timed(torch.optim.Adam(params, fused=True))
+    rows.append(("torch Adam fused (baseline)", baseline, 0.0))
+    rows.append(("torch Adam single-tensor", *timed(torch.optim.Adam(params, foreach=False))))
+    configs = [(name, False) for name in args.tableaux.split(",")] + [("trapezoidal", True)]
+    for name, reuse in configs:
+        for fused in ([True] if args.skip_eager else [False, True]):
+            opt = IMEXAdam(params, tableau=name, reuse_gradient=reuse, fused=fused)
+            label = f"IMEXAdam {name}{' reuse' if reuse else ''} {'fused' if fused else 'eager'}"
+            rows.append((label, *timed(opt)))
+    # The baseline again, to show the drift of a noisy machine within this run.
+    rows.append(("torch Adam fused (again)", timed(torch.optim.Adam(params, fused=True))[0], 0.0))
+
+    print(f"{args.tensors} tensors, {size * args.tensors / 1e6:.1f}M fp32 params, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'optimizer':44s} {'median ms':>10s} {'ratio':>7s} {'warm-up s':>10s}")
+    for label, ms, warm in rows:
+        print(f"{label:44s} {ms:10.2f} {ms / baseline:7.2f} {warm:10.1f}")
+
+
+if __name__ == "__main__":
+    main()

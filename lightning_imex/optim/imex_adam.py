@@ -1,0 +1,249 @@
+"""IMEXAdam: Adam as an implicit-explicit Runge-Kutta step (ALGORITHMS.md section 2)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .kernel import run_event, run_event_fused, select_fused
+from .plan import Plan, build_plan
+from .tableau import TABLEAUX, IMEXTableau, get_tableau
+
+__all__ = ["IMEXAdam", "PositivityWarning", "check_adam_hyperparameters"]
+
+
+class PositivityWarning(UserWarning):
+    """A tableau with negative explicit coefficients can drive ``v`` negative."""
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_adam_hyperparameters(group: dict[str, Any]) -> None:
+    """Validates the Adam-family fields of a parameter group; errors name the field."""
+    for name in ("lr", "eps", "weight_decay"):
+        value = _number(name, group[name])
+        if not value >= 0.0 or math.isinf(value):
+            raise ValueError(f"{name} must be a finite number >= 0, got {group[name]!r}")
+    betas = group["betas"]
+    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= _number(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+    group["betas"] = tuple(float(b) for b in betas)
+    for name in ("decoupled_weight_decay", "maximize", "bias_correction"):
+        if name in group and not isinstance(group[name], bool):
+            raise TypeError(f"{name} must be a bool, got {group[name]!r}")
+
+
+class IMEXAdam(Optimizer):
+    r"""Adam as one step of an IMEX Runge-Kutta method for Adam's ODE.
+
+    ``tableau="euler"`` is Adam exactly; ``"trapezoidal"`` (the default) is second order
+    and costs two gradient evaluations per step on the same minibatch, so ``step``
+    needs a closure (or ``reuse_gradient=True``: one evaluation, the next step's first
+    gradient standing in for this step's last). ``"ssp3_433"`` is the third-order
+    tableau to use; ``"ars222"``/``"ars343"`` are not positivity-preserving and warn.
+
+    Args:
+        params: parameters or parameter groups (lr, betas, eps, weight decay may differ).
+        lr: step size ``h``.
+        betas: ``(beta1, beta2)``; ``h c1 = 1 - beta1`` and ``h c2 = 1 - beta2``.
+        eps: added to ``sqrt(v)``.
+        weight_decay: L2 penalty added to every gradient evaluation, or with
+            ``decoupled_weight_decay=True`` applied once per step as in AdamW.
+        tableau: a name in :data:`TABLEAUX` or an :class:`IMEXTableau`, shared by all groups.
+        bias_correction: divide every stage's moments by the scheme's own masses (the
+            scheme run on gradient 1 from zero moments); ``False`` is the paper's algorithm.
+        reuse_gradient: one gradient per step (only where the tableau allows it).
+        maximize: ascend instead of descend.
+        fused: run each gradient's element-wise work as one compiled (``torch.compile``)
+            pass per tensor bucket. ``None`` picks it on CUDA. On CPU it pays a
+            one-time compile of several seconds per event, then runs at fused-Adam speed.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        tableau: str | IMEXTableau = "trapezoidal",
+        bias_correction: bool = True,
+        reuse_gradient: bool = False,
+        maximize: bool = False,
+        *,
+        fused: bool | None = None,
+    ) -> None:
+        self.tableau = get_tableau(tableau)
+        if not isinstance(reuse_gradient, bool):
+            raise TypeError(f"reuse_gradient must be a bool, got {reuse_gradient!r}")
+        if reuse_gradient and not self.tableau.allows_gradient_reuse:
+            allowed = [name for name, t in TABLEAUX.items() if t.allows_gradient_reuse]
+            raise ValueError(
+                f"reuse_gradient=True needs a tableau whose last gradient stage sits at theta_{{n+1}}; "
+                f"{self.tableau.name!r} does not (built-ins that do: {', '.join(allowed)})")
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool or None, got {fused!r}")
+        self.reuse_gradient = reuse_gradient
+        self.fused = fused
+        if not self.tableau.positivity_preserving:
+            warnings.warn(
+                f"tableau {self.tableau.name!r} is not positivity-preserving (it has negative explicit "
+                "coefficients): v can turn negative and training can diverge at practical step sizes; "
+                "prefer 'trapezoidal' or 'ssp3_433'", PositivityWarning, stacklevel=2)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, bias_correction=bias_correction,
+            maximize=maximize, tableau=self.tableau.name, reuse_gradient=reuse_gradient,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, value in (("tableau", self.tableau), ("reuse_gradient", self.reuse_gradient)):
+            if key in param_group:
+                given = get_tableau(param_group[key]) if key == "tableau" else param_group[key]
+                if given != value:
+                    raise ValueError(f"all parameter groups share one {key}: the optimizer has "
+                                     f"{getattr(value, 'name', value)!r}, a group asks for "
+                                     f"{getattr(given, 'name', given)!r}")
+        param_group = {**param_group, "tableau": self.tableau.name, "reuse_gradient": self.reuse_gradient}
+        super().add_param_group(param_group)
+        check_adam_hyperparameters(self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for group in state_dict["param_groups"]:
+            for key, value in (("tableau", self.tableau.name), ("reuse_gradient", self.reuse_gradient)):
+                if group.get(key, value) != value:
+                    raise ValueError(f"this state was saved with {key}={group[key]!r}; this optimizer "
+                                     f"has {key}={value!r}: loading it would corrupt the trajectory")
+        super().load_state_dict(state_dict)
+
+    def _plan(self, group: dict[str, Any]) -> Plan:
+        decay = group["weight_decay"] != 0
+        return build_plan(
+            self.tableau, self.reuse_gradient, l2=decay and not group["decoupled_weight_decay"],
+            decoupled=decay and group["decoupled_weight_decay"], maximize=group["maximize"],
+        )
+
+    def _evaluate(self, closure: Callable[[], Any]) -> Any:
+        with torch.enable_grad():
+            return closure()
+
+    def _closure_needed(self, plans: list[Plan]) -> str | None:
+        plan = plans[0]
+        if plan.has_pre_gradient_event:
+            return f"tableau {self.tableau.name!r} takes its first gradient away from the current parameters"
+        if plan.num_closure_calls > 1:
+            return (f"tableau {self.tableau.name!r} evaluates {plan.num_closure_calls} gradients per step "
+                    "on the same minibatch")
+        return None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One IMEX step. ``closure`` must clear the gradients, compute the loss, call
+        ``backward`` and return the loss; it is called once per gradient stage, after the
+        parameters hold that stage's point. Returns the first evaluation's loss."""
+        groups = [g for g in self.param_groups if g["params"]]
+        if not groups:
+            return self._evaluate(closure) if closure is not None else None
+        plans = [self._plan(g) for g in groups]
+        why = self._closure_needed(plans)
+        if why is not None and closure is None:
+            raise RuntimeError(
+                f"{why}, so step() needs a closure, e.g.\n"
+                "    def closure():\n        optimizer.zero_grad()\n        loss = loss_fn(model(x), y)\n"
+                "        loss.backward()\n        return loss\n    optimizer.step(closure)\n"
+                "or use tableau='euler' (Adam) or reuse_gradient=True (one gradient per step).")
+        pre_gradient = plans[0].has_pre_gradient_event
+        loss = None
+        if closure is not None and not pre_gradient:
+            loss = self._evaluate(closure)
+            if loss is None and why is not None:
+                raise RuntimeError(f"{why}, but the closure returned None: it must return the loss "
+                                   "(and call backward) on every call")
+        buckets = [self._buckets(group, pre_gradient) for group in groups]
+        for index in range(len(plans[0].events)):
+            gradient = plans[0].events[index].gradient
+            if gradient >= 2 or (gradient == 1 and pre_gradient):
+                for group in groups:
+                    for p in group["params"]:
+                        p.grad = None
+                value = self._evaluate(closure)
+                if gradient == 1:
+                    loss = value
+            for group, plan, group_buckets in zip(groups, plans, buckets):
+                for params, coefficients, scratch in group_buckets:
+                    self._run(plan.events[index], params, coefficients, scratch, gradient >= 1)
+        for group_buckets in buckets:
+            for params, _, _ in group_buckets:
+                for p in params:
+                    state = self.state[p]
+                    state["step"] += 1
+                    if self.reuse_gradient:
+                        state["pending"] = True
+        return loss
+
+    def _buckets(self, group: dict[str, Any], pre_gradient: bool) -> list[tuple[list[Tensor], list[float], dict]]:
+        """The group's parameters that take part in this step, split by what their
+        coefficients and kernel depend on (device, dtype, step count, pending moments)."""
+        plan = self._plan(group)
+        split: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None and not (pre_gradient and p.requires_grad):
+                continue
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError("IMEXAdam does not support sparse gradients "
+                                   f"(a parameter of shape {tuple(p.shape)} has one)")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if self.reuse_gradient:
+                    state["pending"] = False
+            split[(p.device, p.dtype, state["step"], state.get("pending", False))].append(p)
+        beta1, beta2 = group["betas"]
+        result = []
+        for (_, _, step, pending), params in split.items():
+            coefficients = plan.coefficients(
+                lr=_number("lr", group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], step=step, pending=pending,
+                bias_correction=group["bias_correction"])
+            scratch = {name: [torch.empty_like(p) for p in params] for name in plan.scratch}
+            result.append((params, coefficients, scratch))
+        return result
+
+    def _run(self, event, params: list[Tensor], coefficients: list[float], scratch: dict, has_gradient: bool) -> None:
+        grads = []
+        for p in params:
+            g = p.grad
+            if has_gradient and g is None:
+                g = torch.zeros_like(p)  # not reached by this evaluation: zero gradient
+            elif g is not None and g.is_sparse:
+                raise RuntimeError("IMEXAdam does not support sparse gradients")
+            grads.append(g)
+        state = [self.state[p] for p in params]
+        exp_avgs = [s["exp_avg"] for s in state]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in state]
+        if select_fused(self.fused, params):
+            dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+            c = torch.tensor(coefficients, dtype=dtype, device=params[0].device)
+            run_event_fused(event, params, grads, exp_avgs, exp_avg_sqs, scratch, c)
+        else:
+            run_event(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients)

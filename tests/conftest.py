@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+def make_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def make_data(seed: int = 1, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def train(net: nn.Module, make_optimizer, steps: int, data=None, use_closure: bool = True):
+    """Trains a copy of ``net`` full-batch; returns (model, optimizer, closure calls)."""
+    model = copy.deepcopy(net)
+    x, y = data if data is not None else make_data()
+    opt = make_optimizer(model.parameters())
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        if use_closure:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+    return model, opt, calls[0]
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.fixture
+def net() -> nn.Module:
+    return make_net()

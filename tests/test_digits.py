@@ -1,0 +1,36 @@
+"""Every positivity-preserving tableau trains logistic regression on sklearn's digits."""
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from lightning_imex.optim import TABLEAUX, IMEXAdam
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+@pytest.mark.parametrize("kwargs", [
+    *({"tableau": name} for name, t in TABLEAUX.items() if t.positivity_preserving),
+    {"tableau": "trapezoidal", "reuse_gradient": True},
+])
+def test_logistic_regression_on_digits(digits, kwargs):
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    opt = IMEXAdam(model.parameters(), lr=0.05, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # epochs of minibatches of 128
+        for idx in torch.randperm(len(x), generator=g).split(128):
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                return loss
+            opt.step(closure)
+    accuracy = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy >= 0.90
