@@ -20,15 +20,17 @@ import torch
 from lightning_imex.optim import IMEXAdam
 
 
-def median_ms(step: Callable[[], None], repeats: int, warmup: int) -> tuple[float, float]:
+def median_ms(step: Callable[[], None], repeats: int, warmup: int, sync: Callable[[], None]) -> tuple[float, float]:
     start = time.perf_counter()
     for _ in range(warmup):
         step()
+    sync()
     warm = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3, warm
 
@@ -42,12 +44,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tableaux", default="euler,trapezoidal,ssp3_433")
     parser.add_argument("--skip-eager", action="store_true", help="time only the fused path")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size = int(args.numel) // args.tensors
-    params = [torch.nn.Parameter(torch.randn(size)) for _ in range(args.tensors)]
-    grads = [torch.randn(size) for _ in range(args.tensors)]
+    params = [torch.nn.Parameter(torch.randn(size, device=args.device)) for _ in range(args.tensors)]
+    grads = [torch.randn(size, device=args.device) for _ in range(args.tensors)]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     def refill() -> float:
         for p, g in zip(params, grads):
@@ -56,7 +60,7 @@ def main() -> None:
 
     def timed(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
         refill()
-        return median_ms(lambda: optimizer.step(refill), args.repeats, args.warmup)
+        return median_ms(lambda: optimizer.step(refill), args.repeats, args.warmup, sync)
 
     rows = []
     baseline, _ = timed(torch.optim.Adam(params, fused=True))
@@ -71,8 +75,8 @@ def main() -> None:
     # The baseline again, to show the drift of a noisy machine within this run.
     rows.append(("torch Adam fused (again)", timed(torch.optim.Adam(params, fused=True))[0], 0.0))
 
-    print(f"{args.tensors} tensors, {size * args.tensors / 1e6:.1f}M fp32 params, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"{args.tensors} tensors, {size * args.tensors / 1e6:.1f}M fp32 params, {where}, torch {torch.__version__}")
     print(f"{'optimizer':44s} {'median ms':>10s} {'ratio':>7s} {'warm-up s':>10s}")
     for label, ms, warm in rows:
         print(f"{label:44s} {ms:10.2f} {ms / baseline:7.2f} {warm:10.1f}")

@@ -17,10 +17,14 @@ def make_data(seed: int = 1, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def train(net: nn.Module, make_optimizer, steps: int, data=None, use_closure: bool = True):
+# CUDA where the machine has it (the fused path's default there), CPU always.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def train(net: nn.Module, make_optimizer, steps: int, data=None, use_closure: bool = True, device: str = "cpu"):
     """Trains a copy of ``net`` full-batch; returns (model, optimizer, closure calls)."""
-    model = copy.deepcopy(net)
-    x, y = data if data is not None else make_data()
+    model = copy.deepcopy(net).to(device)
+    x, y = (t.to(device) for t in (data if data is not None else make_data()))
     opt = make_optimizer(model.parameters())
     calls = [0]
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import flat, make_net, train
+from conftest import DEVICES, flat, make_net, train
 from torch import nn
 
 from lightning_imex.optim import IMEXAdam
-from lightning_imex.optim.kernel import FUSED_BUCKET, select_fused
+from lightning_imex.optim.kernel import FUSED_BUCKETS, select_fused
 
 pytestmark = pytest.mark.slow
 
@@ -15,15 +15,15 @@ def wide_net() -> nn.Module:
     # More tensors than one bucket, with odd shapes: a (1, 8) weight and a size-1 bias.
     torch.manual_seed(0)
     layers = [nn.Linear(6, 8), nn.Tanh()]
-    for _ in range(FUSED_BUCKET // 2 + 1):
+    for _ in range(FUSED_BUCKETS[1] // 2 + 1):
         layers += [nn.Linear(8, 8), nn.Tanh()]
     return nn.Sequential(*layers, nn.Linear(8, 1), nn.Flatten(0), nn.Linear(64, 3))
 
 
-def wide_train(make_optimizer, steps):
-    model = wide_net()
+def wide_train(make_optimizer, steps, device="cpu"):
+    model = wide_net().to(device)
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (1,), generator=g)
+    x, y = torch.randn(64, 6, generator=g).to(device), torch.randint(0, 3, (1,), generator=g).to(device)
     opt = make_optimizer(model.parameters())
     for _ in range(steps):
         def closure():
@@ -42,10 +42,11 @@ def wide_train(make_optimizer, steps):
     {"tableau": "ssp3_433", "weight_decay": 0.01, "decoupled_weight_decay": True, "maximize": True},
     {"tableau": "trapezoidal_pc", "bias_correction": False},
 ])
-def test_fused_agrees_with_eager(kwargs):
-    assert sum(1 for _ in wide_net().parameters()) > FUSED_BUCKET
-    eager, opt_e = wide_train(lambda p: IMEXAdam(p, lr=1e-2, fused=False, **kwargs), 20)
-    fused, opt_f = wide_train(lambda p: IMEXAdam(p, lr=1e-2, fused=True, **kwargs), 20)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_agrees_with_eager(kwargs, device):
+    assert sum(1 for _ in wide_net().parameters()) > FUSED_BUCKETS[1]
+    eager, opt_e = wide_train(lambda p: IMEXAdam(p, lr=1e-2, fused=False, **kwargs), 20, device)
+    fused, opt_f = wide_train(lambda p: IMEXAdam(p, lr=1e-2, fused=True, **kwargs), 20, device)
     torch.testing.assert_close(flat(fused), flat(eager), atol=1e-5, rtol=1e-5)
     for pe, pf in zip(eager.parameters(), fused.parameters()):
         torch.testing.assert_close(opt_f.state[pf]["exp_avg_sq"], opt_e.state[pe]["exp_avg_sq"], atol=1e-7, rtol=1e-4)
@@ -60,21 +61,25 @@ def test_fused_float64_matches_eager_to_roundoff(net):
     torch.testing.assert_close(flat(fused), flat(eager), atol=1e-12, rtol=1e-12)
 
 
-def test_fused_reuse_equals_fused_two_gradient(net):
-    two, _, _ = train(net, lambda p: IMEXAdam(p, lr=1e-2, fused=True), 10)
-    one, _, _ = train(net, lambda p: IMEXAdam(p, lr=1e-2, fused=True, reuse_gradient=True), 10)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_reuse_equals_fused_two_gradient(net, device):
+    two, _, _ = train(net, lambda p: IMEXAdam(p, lr=1e-2, fused=True), 10, device=device)
+    one, _, _ = train(net, lambda p: IMEXAdam(p, lr=1e-2, fused=True, reuse_gradient=True), 10, device=device)
     torch.testing.assert_close(flat(one), flat(two), atol=1e-6, rtol=0)
 
 
-def test_fused_euler_equals_torch_adam(net):
-    ours, _, _ = train(net, lambda p: IMEXAdam(p, tableau="euler", fused=True), 100)
-    theirs, _, _ = train(net, lambda p: torch.optim.Adam(p), 100)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_euler_equals_torch_adam(net, device):
+    # fused=None: the default path for the device (fused on CUDA, eager on CPU)
+    ours, opt, _ = train(net, lambda p: IMEXAdam(p, tableau="euler"), 100, device=device)
+    theirs, _, _ = train(net, lambda p: torch.optim.Adam(p), 100, device=device)
     torch.testing.assert_close(flat(ours), flat(theirs), atol=1e-6, rtol=0)
 
 
 def test_path_selection():
     cpu = [torch.zeros(1)]
     assert select_fused(None, cpu) is False and select_fused(True, cpu) is True
+    assert select_fused(None, [torch.zeros(1, device="meta")]) is False
     with pytest.raises(TypeError, match="fused must be a bool or None"):
         IMEXAdam([nn.Parameter(torch.zeros(1))], fused="yes")
 

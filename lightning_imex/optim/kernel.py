@@ -13,12 +13,13 @@ from torch import Tensor
 
 from .plan import Event
 
-__all__ = ["run_event", "compiled_event", "select_fused", "FUSED_BUCKET"]
+__all__ = ["run_event", "compiled_event", "select_fused", "FUSED_BUCKETS"]
 
-# Tensors per compiled call: one call pays ~20 us of guard and wrapper overhead, and a
-# longer list compiles for longer. Buckets hold exactly this many tensors, the rest
-# goes one by one, so each event compiles at most two variants.
-FUSED_BUCKET = 8
+# Tensors per compiled call, largest first: a call pays ~50 us of guard and wrapper
+# overhead, and a longer list compiles for longer (about 6 s for 8 tensors, 15 s for 32
+# on 2 CPU cores). Only these lengths are ever compiled, so each event has at most
+# three variants per dtype, whatever the model.
+FUSED_BUCKETS = (32, 8, 1)
 
 
 def run_event(
@@ -52,22 +53,28 @@ def run_event(
             buffers[buffer].copy_(env[value])
 
 
+# Inductor options per device type. CPU: sizes are symbolic, so the code must not pick
+# its threads from the sizes seen at compile time (a small first model would leave a
+# serial kernel for good). CUDA: one launch for a bucket's kernels instead of one each.
+_COMPILE_OPTIONS = {"cpu": {"cpp.dynamic_threads": True}, "cuda": {"combo_kernels": True}}
+
+
 @lru_cache(maxsize=None)
-def compiled_event(event: Event) -> Callable[..., None]:
+def compiled_event(event: Event, device_type: str) -> Callable[..., None]:
     """``run_event`` for one event, compiled. Each event gets a code object of its own so
     that dynamo's per-code recompile limit counts only that event's few variants."""
 
     def imex_event(params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients):
         run_event(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients)
 
-    code = imex_event.__code__.replace(co_name=f"imex_event_{abs(hash(event)):x}")
+    code = imex_event.__code__.replace(co_name=f"imex_event_{abs(hash(event)):x}_{device_type}")
     fn = types.FunctionType(code, imex_event.__globals__, code.co_name, None, imex_event.__closure__)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS.get(device_type, {}))
 
 
 def run_event_fused(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients: Tensor) -> None:
-    """Calls the compiled event on buckets of :data:`FUSED_BUCKET` tensors, then singly."""
-    fn = compiled_event(event)
+    """Calls the compiled event on buckets of the :data:`FUSED_BUCKETS` lengths."""
+    fn = compiled_event(event, params[0].device.type)
     # Flat views: one symbolic size per tensor, whatever its shape or size-1 dimensions.
     # (State and scratch are laid out like their parameter; a channels-last one stays as is.)
     flat = [p.is_contiguous() for p in params]
@@ -78,8 +85,11 @@ def run_event_fused(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coeffi
     grads = [g.reshape(-1) if f and g is not None else g for g, f in zip(grads, flat)]
     scratch = dict(zip(scratch, scratch_lists))
     n = len(params)
-    full = n - n % FUSED_BUCKET
-    spans = [(i, i + FUSED_BUCKET) for i in range(0, full, FUSED_BUCKET)] + [(i, i + 1) for i in range(full, n)]
+    spans, start = [], 0
+    for size in FUSED_BUCKETS:
+        while n - start >= size:
+            spans.append((start, start + size))
+            start += size
     # Sizes stay symbolic without "duck" sharing: otherwise two equal sizes in one bucket
     # would compile a variant that a bucket with different sizes cannot use.
     with torch.fx.experimental._config.patch(use_duck_shape=False):
