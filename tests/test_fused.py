@@ -6,7 +6,7 @@ from conftest import DEVICES, flat, make_net, train
 from torch import nn
 
 from lightning_imex.optim import IMEXAdam
-from lightning_imex.optim.kernel import FUSED_BUCKETS, select_fused
+from lightning_imex.optim.kernel import FUSED_BUCKETS, FUSED_CPU_MIN_NUMEL, select_fused
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,9 @@ def test_fused_euler_equals_torch_adam(net, device):
 def test_path_selection():
     cpu = [torch.zeros(1)]
     assert select_fused(None, cpu) is False and select_fused(True, cpu) is True
-    assert select_fused(None, [torch.zeros(1, device="meta")]) is False
+    assert select_fused(None, [torch.zeros(FUSED_CPU_MIN_NUMEL // 2)] * 2) is True
+    assert select_fused(False, [torch.zeros(FUSED_CPU_MIN_NUMEL)]) is False
+    assert select_fused(None, [torch.zeros(FUSED_CPU_MIN_NUMEL, device="meta")]) is False
     with pytest.raises(TypeError, match="fused must be a bool or None"):
         IMEXAdam([nn.Parameter(torch.zeros(1))], fused="yes")
 

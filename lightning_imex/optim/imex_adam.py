@@ -11,8 +11,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernel import run_event, run_event_fused, select_fused
+from .kernel import Batch, select_fused
 from .plan import Plan, build_plan
 from .tableau import TABLEAUX, IMEXTableau, get_tableau
 
@@ -102,6 +103,9 @@ class IMEXAdam(Optimizer):
             raise TypeError(f"fused must be a bool or None, got {fused!r}")
         self.reuse_gradient = reuse_gradient
         self.fused = fused
+        # Per-parameter working buffers of multi-stage tableaux, kept between steps (not
+        # state: their contents never outlive a step).
+        self._scratch: WeakIdKeyDictionary = WeakIdKeyDictionary()
         if not self.tableau.positivity_preserving:
             warnings.warn(
                 f"tableau {self.tableau.name!r} is not positivity-preserving (it has negative explicit "
@@ -177,7 +181,7 @@ class IMEXAdam(Optimizer):
             if loss is None and why is not None:
                 raise RuntimeError(f"{why}, but the closure returned None: it must return the loss "
                                    "(and call backward) on every call")
-        buckets = [self._buckets(group, pre_gradient) for group in groups]
+        batches = [self._batches(group, pre_gradient) for group in groups]
         for index in range(len(plans[0].events)):
             gradient = plans[0].events[index].gradient
             if gradient >= 2 or (gradient == 1 and pre_gradient):
@@ -187,19 +191,19 @@ class IMEXAdam(Optimizer):
                 value = self._evaluate(closure)
                 if gradient == 1:
                     loss = value
-            for group, plan, group_buckets in zip(groups, plans, buckets):
-                for params, coefficients, scratch in group_buckets:
-                    self._run(plan.events[index], params, coefficients, scratch, gradient >= 1)
-        for group_buckets in buckets:
-            for params, _, _ in group_buckets:
-                for p in params:
+            for plan, group_batches in zip(plans, batches):
+                for batch in group_batches:
+                    batch.run(plan.events[index], _gradients(batch.params, gradient >= 1))
+        for group_batches in batches:
+            for batch in group_batches:
+                for p in batch.params:
                     state = self.state[p]
                     state["step"] += 1
                     if self.reuse_gradient:
                         state["pending"] = True
         return loss
 
-    def _buckets(self, group: dict[str, Any], pre_gradient: bool) -> list[tuple[list[Tensor], list[float], dict]]:
+    def _batches(self, group: dict[str, Any], pre_gradient: bool) -> list[Batch]:
         """The group's parameters that take part in this step, split by what their
         coefficients and kernel depend on (device, dtype, step count, pending moments)."""
         plan = self._plan(group)
@@ -207,9 +211,8 @@ class IMEXAdam(Optimizer):
         for p in group["params"]:
             if p.grad is None and not (pre_gradient and p.requires_grad):
                 continue
-            if p.grad is not None and p.grad.is_sparse:
-                raise RuntimeError("IMEXAdam does not support sparse gradients "
-                                   f"(a parameter of shape {tuple(p.shape)} has one)")
+            if p.grad is not None and p.grad.is_sparse:  # refused before any state exists
+                raise _sparse_error(p)
             state = self.state[p]
             if not state:
                 state["step"] = 0
@@ -219,31 +222,38 @@ class IMEXAdam(Optimizer):
                     state["pending"] = False
             split[(p.device, p.dtype, state["step"], state.get("pending", False))].append(p)
         beta1, beta2 = group["betas"]
-        result = []
+        batches = []
         for (_, _, step, pending), params in split.items():
             coefficients = plan.coefficients(
                 lr=_number("lr", group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], step=step, pending=pending,
                 bias_correction=group["bias_correction"])
-            scratch = {name: [torch.empty_like(p) for p in params] for name in plan.scratch}
-            result.append((params, coefficients, scratch))
-        return result
+            states = [self.state[p] for p in params]
+            scratch = {name: [self._scratch_buffer(p, name) for p in params] for name in plan.scratch}
+            batches.append(Batch(params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                 scratch, coefficients, select_fused(self.fused, params)))
+        return batches
 
-    def _run(self, event, params: list[Tensor], coefficients: list[float], scratch: dict, has_gradient: bool) -> None:
-        grads = []
-        for p in params:
-            g = p.grad
-            if has_gradient and g is None:
-                g = torch.zeros_like(p)  # not reached by this evaluation: zero gradient
-            elif g is not None and g.is_sparse:
-                raise RuntimeError("IMEXAdam does not support sparse gradients")
-            grads.append(g)
-        state = [self.state[p] for p in params]
-        exp_avgs = [s["exp_avg"] for s in state]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in state]
-        if select_fused(self.fused, params):
-            dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-            c = torch.tensor(coefficients, dtype=dtype, device=params[0].device)
-            run_event_fused(event, params, grads, exp_avgs, exp_avg_sqs, scratch, c)
-        else:
-            run_event(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients)
+    def _scratch_buffer(self, p: Tensor, name: str) -> Tensor:
+        buffers = self._scratch.setdefault(p, {})
+        if name not in buffers:
+            buffers[name] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return buffers[name]
+
+
+def _gradients(params: list[Tensor], required: bool) -> list[Tensor | None]:
+    """The current gradients; a parameter this evaluation did not reach gets zeros."""
+    grads = []
+    for p in params:
+        g = p.grad
+        if g is None and required:
+            g = torch.zeros_like(p)
+        elif g is not None and g.is_sparse:
+            raise _sparse_error(p)
+        grads.append(g)
+    return grads
+
+
+def _sparse_error(p: Tensor) -> RuntimeError:
+    return RuntimeError(f"IMEXAdam does not support sparse gradients (a parameter of shape {tuple(p.shape)} "
+                        "has one); use dense gradients, e.g. nn.Embedding(sparse=False)")

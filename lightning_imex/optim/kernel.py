@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .plan import Event
 
-__all__ = ["run_event", "compiled_event", "select_fused", "FUSED_BUCKETS"]
+__all__ = ["Batch", "run_event", "compiled_event", "select_fused", "FUSED_BUCKETS"]
 
 # Tensors per compiled call, largest first: a call pays ~50 us of guard and wrapper
 # overhead, and a longer list compiles for longer (about 6 s for 8 tensors, 15 s for 32
@@ -72,35 +72,63 @@ def compiled_event(event: Event, device_type: str) -> Callable[..., None]:
     return torch.compile(fn, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS.get(device_type, {}))
 
 
-def run_event_fused(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients: Tensor) -> None:
-    """Calls the compiled event on buckets of the :data:`FUSED_BUCKETS` lengths."""
-    fn = compiled_event(event, params[0].device.type)
-    # Flat views: one symbolic size per tensor, whatever its shape or size-1 dimensions.
-    # (State and scratch are laid out like their parameter; a channels-last one stays as is.)
-    flat = [p.is_contiguous() for p in params]
-    params, exp_avgs, exp_avg_sqs, *scratch_lists = (
-        [t.view(-1) if f else t for t, f in zip(ts, flat)]
-        for ts in (params, exp_avgs, exp_avg_sqs, *scratch.values())
-    )
-    grads = [g.reshape(-1) if f and g is not None else g for g, f in zip(grads, flat)]
-    scratch = dict(zip(scratch, scratch_lists))
-    n = len(params)
-    spans, start = [], 0
-    for size in FUSED_BUCKETS:
-        while n - start >= size:
-            spans.append((start, start + size))
-            start += size
-    # Sizes stay symbolic without "duck" sharing: otherwise two equal sizes in one bucket
-    # would compile a variant that a bucket with different sizes cannot use.
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
-        for a, b in spans:
-            fn(params[a:b], grads[a:b], exp_avgs[a:b], exp_avg_sqs[a:b],
-               {k: v[a:b] for k, v in scratch.items()}, coefficients)
+class Batch:
+    """Parameters that share one step's coefficients, device and dtype, with their state
+    and this step's scratch buffers, prepared once per step for every event."""
+
+    def __init__(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 scratch: dict[str, list[Tensor]], coefficients: list[float], fused: bool) -> None:
+        self.params, self.fused, self.scratch = params, fused, scratch
+        self.coefficients: list[float] | Tensor = coefficients
+        self.flat = [False] * len(params)
+        if fused:
+            # One symbolic size per tensor whatever its shape or size-1 dimensions, through
+            # flat views (state and scratch are laid out like their parameter).
+            self.flat = [p.is_contiguous() for p in params]
+            params, exp_avgs, exp_avg_sqs = ([_flat_view(t, f) for t, f in zip(ts, self.flat)]
+                                             for ts in (params, exp_avgs, exp_avg_sqs))
+            self.scratch = {k: [_flat_view(t, f) for t, f in zip(v, self.flat)] for k, v in self.scratch.items()}
+            dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+            self.coefficients = torch.tensor(coefficients, dtype=dtype, device=params[0].device)
+        self.tensors = (params, exp_avgs, exp_avg_sqs)
+
+    def run(self, event: Event, grads: list[Tensor | None]) -> None:
+        params, exp_avgs, exp_avg_sqs = self.tensors
+        if not self.fused:
+            run_event(event, params, grads, exp_avgs, exp_avg_sqs, self.scratch, self.coefficients)
+            return
+        grads = [g.reshape(-1) if f and g is not None else g for g, f in zip(grads, self.flat)]
+        fn = compiled_event(event, params[0].device.type)
+        n, start = len(params), 0
+        # Sizes stay symbolic without "duck" sharing: otherwise two equal sizes in one bucket
+        # would compile a variant that a bucket with different sizes cannot use.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            for size in FUSED_BUCKETS:
+                while n - start >= size:
+                    span = slice(start, start + size)
+                    fn(params[span], grads[span], exp_avgs[span], exp_avg_sqs[span],
+                       {k: v[span] for k, v in self.scratch.items()}, self.coefficients)
+                    start += size
+
+
+def _flat_view(t: Tensor, flat: bool) -> Tensor:
+    # detached: a plain tensor on the same storage, kept across the step's closure calls
+    # without autograd's view tracking
+    t = t.detach()
+    return t.view(-1) if flat else t
+
+
+# With fused=None, CPU batches from this many elements on are compiled: the eager path
+# allocates a temporary per operation and tensor, which costs far more than the one-time
+# compile of a few seconds once a step moves tens of megabytes.
+FUSED_CPU_MIN_NUMEL = 1 << 22
 
 
 def select_fused(fused: bool | None, params: Sequence[Tensor]) -> bool:
-    """The one place that picks the path. ``None``: fused on CUDA (compiled with Triton,
-    the common case for real training), eager elsewhere (a compile costs seconds on CPU)."""
+    """The one place that picks the path. ``None``: fused on CUDA (compiled with Triton),
+    and on CPU for batches of at least :data:`FUSED_CPU_MIN_NUMEL` elements."""
     if fused is not None:
         return fused
-    return bool(params) and all(p.device.type == "cuda" for p in params)
+    if not params or any(p.device.type not in ("cpu", "cuda") for p in params):
+        return False
+    return params[0].device.type == "cuda" or sum(p.numel() for p in params) >= FUSED_CPU_MIN_NUMEL
