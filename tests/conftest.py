@@ -17,6 +17,18 @@ def make_data(seed: int = 1, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+def loss_closure(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, counter=None):
+    """The usual closure: clear gradients, cross-entropy, backward, return the loss."""
+    def closure():
+        if counter is not None:
+            counter[0] += 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
 # CUDA where the machine has it (the fused path's default there), CPU always.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -27,14 +39,7 @@ def train(net: nn.Module, make_optimizer, steps: int, data=None, use_closure: bo
     x, y = (t.to(device) for t in (data if data is not None else make_data()))
     opt = make_optimizer(model.parameters())
     calls = [0]
-
-    def closure():
-        calls[0] += 1
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = loss_closure(model, opt, x, y, calls)
     for _ in range(steps):
         if use_closure:
             opt.step(closure)

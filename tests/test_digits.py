@@ -3,6 +3,7 @@
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from conftest import loss_closure
 from torch import nn
 
 from lightning_imex.optim import TABLEAUX, IMEXAdam
@@ -26,11 +27,6 @@ def test_logistic_regression_on_digits(digits, kwargs):
     g = torch.Generator().manual_seed(0)
     for _ in range(4):  # epochs of minibatches of 128
         for idx in torch.randperm(len(x), generator=g).split(128):
-            def closure():
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(loss_closure(model, opt, x[idx], y[idx]))
     accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy >= 0.90

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, flat, make_net, train
+from conftest import DEVICES, flat, loss_closure, make_net, train
 from torch import nn
 
 from lightning_imex.optim import IMEXAdam
@@ -25,12 +25,8 @@ def wide_train(make_optimizer, steps, device="cpu"):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 6, generator=g).to(device), torch.randint(0, 3, (1,), generator=g).to(device)
     opt = make_optimizer(model.parameters())
+    closure = loss_closure(lambda inputs: model(inputs).unsqueeze(0), opt, x, y)
     for _ in range(steps):
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x).unsqueeze(0), y)
-            loss.backward()
-            return loss
         opt.step(closure)
     return model, opt
 

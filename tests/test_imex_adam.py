@@ -2,7 +2,7 @@ import io
 
 import pytest
 import torch
-from conftest import flat, make_data, make_net, train
+from conftest import flat, loss_closure, make_data, make_net, train
 from reference import imex_step, paper_adam, scheme_masses, trapezoidal_mass, trapezoidal_written_out
 from torch import nn
 
@@ -174,16 +174,7 @@ def test_reuse_gradient_finishes_pending_moments_exactly(net):
     two, opt_two, _ = train(net, lambda p: IMEXAdam(p, lr=1e-2), 10)
     one, opt_one, _ = train(net, lambda p: IMEXAdam(p, lr=1e-2, reuse_gradient=True), 11)
     # one more two-gradient step moves both to step 11 parameters
-    x, y = make_data()
-    loss_fn = nn.functional.cross_entropy
-
-    def closure():
-        opt_two.zero_grad()
-        loss = loss_fn(two(x), y)
-        loss.backward()
-        return loss
-
-    opt_two.step(closure)
+    opt_two.step(loss_closure(two, opt_two, *make_data()))
     assert torch.equal(flat(two), flat(one))
     assert all(s["pending"] for s in opt_one.state.values())
 
@@ -257,16 +248,7 @@ def test_later_evaluations_do_not_accumulate_onto_earlier_gradients(net):
 def test_parameters_without_gradient_are_left_alone(net):
     frozen = nn.Parameter(torch.ones(4))
     opt = IMEXAdam([*net.parameters(), frozen])
-    _, _, _ = train(net, lambda p: opt, 0)
-    x, y = make_data()
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(loss_closure(net, opt, *make_data()))
     assert torch.equal(frozen.detach(), torch.ones(4)) and frozen not in opt.state
 
 
@@ -289,12 +271,7 @@ def test_state_dict_round_trip_continues_bit_identically(net, kwargs, tmp_path):
 
     def run(m, o, steps):
         for _ in range(steps):
-            def closure():
-                o.zero_grad()
-                loss = nn.functional.cross_entropy(m(x), y)
-                loss.backward()
-                return loss
-            o.step(closure)
+            o.step(loss_closure(m, o, x, y))
         return flat(m)
 
     expected = run(model, opt, 5)
@@ -387,12 +364,7 @@ def test_non_preserving_tableau_can_go_negative_but_never_takes_sqrt_of_negative
         opt = IMEXAdam(model.parameters(), lr=0.05, tableau="ars222", betas=(0.5, 0.5))
     negative = False
     for _ in range(50):
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(loss_closure(model, opt, x, y))
         negative |= any((s["exp_avg_sq"] < 0).any().item() for s in opt.state.values())
         assert not any(torch.isnan(p).any() for p in model.parameters())
     assert negative  # the trap ALGORITHMS.md describes is real, and it is survived without NaN

@@ -72,8 +72,10 @@ class IMEXAdam(Optimizer):
         reuse_gradient: one gradient per step (only where the tableau allows it).
         maximize: ascend instead of descend.
         fused: run each gradient's element-wise work as one compiled (``torch.compile``)
-            pass per tensor bucket. ``None`` picks it on CUDA. On CPU it pays a
-            one-time compile of several seconds per event, then runs at fused-Adam speed.
+            pass per bucket of tensors, after a one-time compile of a few seconds per
+            gradient stage. ``None`` picks it on CUDA and for large CPU groups
+            (:func:`~lightning_imex.optim.kernel.select_fused`); ``False`` is the eager
+            reference path.
     """
 
     def __init__(
