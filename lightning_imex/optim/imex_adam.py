@@ -183,7 +183,7 @@ class IMEXAdam(Optimizer):
             if loss is None and why is not None:
                 raise RuntimeError(f"{why}, but the closure returned None: it must return the loss "
                                    "(and call backward) on every call")
-        batches = [self._batches(group, pre_gradient) for group in groups]
+        batches = [self._batches(group, plan, pre_gradient) for group, plan in zip(groups, plans)]
         for index in range(len(plans[0].events)):
             gradient = plans[0].events[index].gradient
             if gradient >= 2 or (gradient == 1 and pre_gradient):
@@ -205,10 +205,9 @@ class IMEXAdam(Optimizer):
                         state["pending"] = True
         return loss
 
-    def _batches(self, group: dict[str, Any], pre_gradient: bool) -> list[Batch]:
+    def _batches(self, group: dict[str, Any], plan: Plan, pre_gradient: bool) -> list[Batch]:
         """The group's parameters that take part in this step, split by what their
         coefficients and kernel depend on (device, dtype, step count, pending moments)."""
-        plan = self._plan(group)
         split: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is None and not (pre_gradient and p.requires_grad):

@@ -60,6 +60,7 @@ class Plan:
     scratch: tuple[str, ...]  # per-tensor buffers alive during one step
     coefficient_keys: tuple[Hashable, ...]
     has_pre_gradient_event: bool
+    allows_gradient_reuse: bool
     reuse_gradient: bool
 
     @property
@@ -177,7 +178,9 @@ def build_plan(
     pre_gradient = any(wanted[0])
     first = 0 if pre_gradient else 1  # the first event with element-wise work
     last = q - 1 if reuse_gradient else q
-    if reuse_gradient and (pre_gradient or wanted[q - 1] != wanted[q]):
+    # The next step's first gradient (at theta_n) can stand in for this step's last.
+    reusable = not pre_gradient and wanted[q - 1] == wanted[q]
+    if reuse_gradient and not reusable:
         raise ValueError(f"tableau {tableau.name!r} does not allow reuse_gradient=True: its last gradient "
                          "stage is not at theta_{n+1} (or its first is not at theta_n)")
 
@@ -285,5 +288,5 @@ def build_plan(
     return Plan(
         tableau=tableau, events=tuple(events), scratch=tuple(scratch),
         coefficient_keys=tuple(keys), has_pre_gradient_event=pre_gradient,
-        reuse_gradient=reuse_gradient,
+        allows_gradient_reuse=reusable, reuse_gradient=reuse_gradient,
     )

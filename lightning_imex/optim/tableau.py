@@ -120,18 +120,19 @@ class IMEXTableau:
     @property
     def first_gradient_at_start(self) -> bool:
         """Whether the first gradient is taken at theta_n (true for every built-in)."""
-        from .plan import build_plan  # the plan knows which stages coincide
-
-        return not build_plan(self).has_pre_gradient_event
+        return not self._plan.has_pre_gradient_event
 
     @property
     def allows_gradient_reuse(self) -> bool:
         """Whether the last gradient stage sits at theta_{n+1}, and the first at theta_n,
         so the next step's first gradient can stand in for this step's last."""
-        if self.num_gradients < 2 or not self.first_gradient_at_start:
-            return False
-        last = self.implicit_row(self.gradient_stages[-1])
-        return all(abs(x - y) <= _TOL for x, y in zip(last, self.b_implicit))
+        return self._plan.allows_gradient_reuse
+
+    @property
+    def _plan(self):
+        from .plan import build_plan  # the plan knows which stages coincide
+
+        return build_plan(self)
 
     def __str__(self) -> str:
         return (f"IMEXTableau({self.name!r}, stages={self.num_stages}, order={self.order}, "
