@@ -1,5 +1,9 @@
 """Optimizer step time as a ratio to torch.optim.Adam(fused=True), measured in the same run.
 
+Rows: torch's Adam paths; IMEXAdam per tableau (eager and fused); AdaMax, AdaMomentum,
+ClippedAdam; and "AdaMomentum per-tensor loop", the plain Python loop of in-place torch
+ops over the parameters that AdaM3's published script uses (what users have today).
+
     python benchmarks/bench_optim.py                 # 20M fp32 params in 200 tensors, 2 threads
     python benchmarks/bench_optim.py --numel 2e6     # quicker
 
@@ -11,13 +15,38 @@ stored gradients back into ``.grad``. Medians of ``--repeats`` timed steps after
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Callable
 
 import torch
 
-from lightning_imex.optim import IMEXAdam
+from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
+
+
+class PerTensorAdaMomentum(torch.optim.Optimizer):
+    """AdaMomentum as a per-parameter loop of in-place ops: the baseline to beat."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                m, v, k = state["m"], state["v"], state["step"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(m, m, value=1 - beta2).add_(group["eps"])
+                denom = v.sqrt().div_(math.sqrt(1 - beta2 ** k))
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** k))
+        return loss
 
 
 def median_ms(step: Callable[[], None], repeats: int, warmup: int, sync: Callable[[], None]) -> tuple[float, float]:
@@ -66,12 +95,14 @@ def main() -> None:
     baseline, _ = timed(torch.optim.Adam(params, fused=True))
     rows.append(("torch Adam fused (baseline)", baseline, 0.0))
     rows.append(("torch Adam single-tensor", *timed(torch.optim.Adam(params, foreach=False))))
-    configs = [(name, False) for name in args.tableaux.split(",")] + [("trapezoidal", True)]
-    for name, reuse in configs:
+    configs = [(f"IMEXAdam {name}", IMEXAdam, {"tableau": name}) for name in args.tableaux.split(",") if name]
+    configs += [("IMEXAdam trapezoidal reuse", IMEXAdam, {"reuse_gradient": True})]
+    configs += [("AdaMax", AdaMax, {}), ("AdaMomentum", AdaMomentum, {}),
+                ("ClippedAdam coordinate", ClippedAdam, {}), ("ClippedAdam global", ClippedAdam, {"clip": "global"})]
+    for label, cls, kwargs in configs:
         for fused in ([True] if args.skip_eager else [False, True]):
-            opt = IMEXAdam(params, tableau=name, reuse_gradient=reuse, fused=fused)
-            label = f"IMEXAdam {name}{' reuse' if reuse else ''} {'fused' if fused else 'eager'}"
-            rows.append((label, *timed(opt)))
+            rows.append((f"{label} {'fused' if fused else 'eager'}", *timed(cls(params, fused=fused, **kwargs))))
+    rows.append(("AdaMomentum per-tensor loop", *timed(PerTensorAdaMomentum(params))))
     # The baseline again, to show the drift of a noisy machine within this run.
     rows.append(("torch Adam fused (again)", timed(torch.optim.Adam(params, fused=True))[0], 0.0))
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernel import Batch, select_fused
+from .base import ElementwiseOptimizer, check_adam_hyperparameters, gradient_flags, number
 from .plan import Plan, build_plan
 from .tableau import TABLEAUX, IMEXTableau, get_tableau
 
@@ -24,33 +19,7 @@ class PositivityWarning(UserWarning):
     """A tableau with negative explicit coefficients can drive ``v`` negative."""
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def check_adam_hyperparameters(group: dict[str, Any]) -> None:
-    """Validates the Adam-family fields of a parameter group; errors name the field."""
-    for name in ("lr", "eps", "weight_decay"):
-        value = _number(name, group[name])
-        if not value >= 0.0 or math.isinf(value):
-            raise ValueError(f"{name} must be a finite number >= 0, got {group[name]!r}")
-    betas = group["betas"]
-    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= _number(f"betas[{i}]", beta) < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-    group["betas"] = tuple(float(b) for b in betas)
-    for name in ("decoupled_weight_decay", "maximize", "bias_correction"):
-        if name in group and not isinstance(group[name], bool):
-            raise TypeError(f"{name} must be a bool, got {group[name]!r}")
-
-
-class IMEXAdam(Optimizer):
+class IMEXAdam(ElementwiseOptimizer):
     r"""Adam as one step of an IMEX Runge-Kutta method for Adam's ODE.
 
     ``tableau="euler"`` is Adam exactly; ``"trapezoidal"`` (the default) is second order
@@ -101,13 +70,7 @@ class IMEXAdam(Optimizer):
             raise ValueError(
                 f"reuse_gradient=True needs a tableau whose last gradient stage sits at theta_{{n+1}}; "
                 f"{self.tableau.name!r} does not (built-ins that do: {', '.join(allowed)})")
-        if fused is not None and not isinstance(fused, bool):
-            raise TypeError(f"fused must be a bool or None, got {fused!r}")
         self.reuse_gradient = reuse_gradient
-        self.fused = fused
-        # Per-parameter working buffers of multi-stage tableaux, kept between steps (not
-        # state: their contents never outlive a step).
-        self._scratch: WeakIdKeyDictionary = WeakIdKeyDictionary()
         if not self.tableau.positivity_preserving:
             warnings.warn(
                 f"tableau {self.tableau.name!r} is not positivity-preserving (it has negative explicit "
@@ -118,7 +81,7 @@ class IMEXAdam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay, bias_correction=bias_correction,
             maximize=maximize, tableau=self.tableau.name, reuse_gradient=reuse_gradient,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, fused)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, value in (("tableau", self.tableau), ("reuse_gradient", self.reuse_gradient)):
@@ -128,9 +91,7 @@ class IMEXAdam(Optimizer):
                     raise ValueError(f"all parameter groups share one {key}: the optimizer has "
                                      f"{getattr(value, 'name', value)!r}, a group asks for "
                                      f"{getattr(given, 'name', given)!r}")
-        param_group = {**param_group, "tableau": self.tableau.name, "reuse_gradient": self.reuse_gradient}
-        super().add_param_group(param_group)
-        check_adam_hyperparameters(self.param_groups[-1])
+        super().add_param_group({**param_group, "tableau": self.tableau.name, "reuse_gradient": self.reuse_gradient})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for group in state_dict["param_groups"]:
@@ -141,11 +102,8 @@ class IMEXAdam(Optimizer):
         super().load_state_dict(state_dict)
 
     def _plan(self, group: dict[str, Any]) -> Plan:
-        decay = group["weight_decay"] != 0
-        return build_plan(
-            self.tableau, self.reuse_gradient, l2=decay and not group["decoupled_weight_decay"],
-            decoupled=decay and group["decoupled_weight_decay"], maximize=group["maximize"],
-        )
+        maximize, l2, decoupled = gradient_flags(group)
+        return build_plan(self.tableau, self.reuse_gradient, l2=l2, decoupled=decoupled, maximize=maximize)
 
     def _evaluate(self, closure: Callable[[], Any]) -> Any:
         with torch.enable_grad():
@@ -183,7 +141,8 @@ class IMEXAdam(Optimizer):
             if loss is None and why is not None:
                 raise RuntimeError(f"{why}, but the closure returned None: it must return the loss "
                                    "(and call backward) on every call")
-        batches = [self._batches(group, plan, pre_gradient) for group, plan in zip(groups, plans)]
+        batches = [self._batches(group, plan.scratch, self._coefficients(group, plan), without_grad=pre_gradient)
+                   for group, plan in zip(groups, plans)]
         for index in range(len(plans[0].events)):
             gradient = plans[0].events[index].gradient
             if gradient >= 2 or (gradient == 1 and pre_gradient):
@@ -195,66 +154,28 @@ class IMEXAdam(Optimizer):
                     loss = value
             for plan, group_batches in zip(plans, batches):
                 for batch in group_batches:
-                    batch.run(plan.events[index], _gradients(batch.params, gradient >= 1))
+                    batch.run(plan.events[index], self._gradients(batch.params, gradient >= 1))
         for group_batches in batches:
-            for batch in group_batches:
-                for p in batch.params:
-                    state = self.state[p]
-                    state["step"] += 1
-                    if self.reuse_gradient:
-                        state["pending"] = True
+            self._count_step(group_batches)
+            if self.reuse_gradient:
+                for batch in group_batches:
+                    for p in batch.params:
+                        self.state[p]["pending"] = True
         return loss
 
-    def _batches(self, group: dict[str, Any], plan: Plan, pre_gradient: bool) -> list[Batch]:
-        """The group's parameters that take part in this step, split by what their
-        coefficients and kernel depend on (device, dtype, step count, pending moments)."""
-        split: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in group["params"]:
-            if p.grad is None and not (pre_gradient and p.requires_grad):
-                continue
-            if p.grad is not None and p.grad.is_sparse:  # refused before any state exists
-                raise _sparse_error(p)
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if self.reuse_gradient:
-                    state["pending"] = False
-            split[(p.device, p.dtype, state["step"], state.get("pending", False))].append(p)
-        beta1, beta2 = group["betas"]
-        batches = []
-        for (_, _, step, pending), params in split.items():
-            coefficients = plan.coefficients(
-                lr=_number("lr", group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], step=step, pending=pending,
+    def _init_state(self, state: dict[str, Any], p: Tensor) -> None:
+        super()._init_state(state, p)
+        if self.reuse_gradient:
+            state["pending"] = False  # exp_avg/exp_avg_sq await the next gradient
+
+    def _state_key(self, state: dict[str, Any]) -> tuple:
+        return state["step"], state.get("pending", False)
+
+    def _coefficients(self, group: dict[str, Any], plan: Plan) -> Callable[[tuple], list[float]]:
+        def coefficients(key: tuple) -> list[float]:
+            step, pending = key
+            return plan.coefficients(
+                lr=number("lr", group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1],
+                eps=group["eps"], weight_decay=group["weight_decay"], step=step, pending=pending,
                 bias_correction=group["bias_correction"])
-            states = [self.state[p] for p in params]
-            scratch = {name: [self._scratch_buffer(p, name) for p in params] for name in plan.scratch}
-            batches.append(Batch(params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                                 scratch, coefficients, select_fused(self.fused, params)))
-        return batches
-
-    def _scratch_buffer(self, p: Tensor, name: str) -> Tensor:
-        buffers = self._scratch.setdefault(p, {})
-        if name not in buffers:
-            buffers[name] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return buffers[name]
-
-
-def _gradients(params: list[Tensor], required: bool) -> list[Tensor | None]:
-    """The current gradients; a parameter this evaluation did not reach gets zeros."""
-    grads = []
-    for p in params:
-        g = p.grad
-        if g is None and required:
-            g = torch.zeros_like(p)
-        elif g is not None and g.is_sparse:
-            raise _sparse_error(p)
-        grads.append(g)
-    return grads
-
-
-def _sparse_error(p: Tensor) -> RuntimeError:
-    return RuntimeError(f"IMEXAdam does not support sparse gradients (a parameter of shape {tuple(p.shape)} "
-                        "has one); use dense gradients, e.g. nn.Embedding(sparse=False)")
+        return coefficients

@@ -1,25 +1,51 @@
-"""Runs a plan's events over tensors: eagerly (the reference path) or compiled into one
-fused pass per event (the fast path). Both execute the same function, so they cannot
-drift apart; the choice between them is made in :func:`select_fused` alone."""
+"""Runs element-wise programs over tensors: eagerly (the reference path) or compiled into
+one fused pass per program (the fast path). Both execute the same function, so they
+cannot drift apart; the choice between them is made in :func:`select_fused` alone.
+
+Every optimizer of the package is such a program (one :class:`Event` per gradient
+evaluation): IMEX Adam's events come from its tableau (``plan.py``), the others are
+written out in their modules.
+"""
 
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .plan import Event
-
-__all__ = ["Batch", "run_event", "compiled_event", "select_fused", "FUSED_BUCKETS"]
+__all__ = ["Batch", "Event", "run_event", "compiled_event", "select_fused", "FUSED_BUCKETS"]
 
 # Tensors per compiled call, largest first: a call pays ~50 us of guard and wrapper
 # overhead, and a longer list compiles for longer (about 6 s for 8 tensors, 15 s for 32
 # on 2 CPU cores). Only these lengths are ever compiled, so each event has at most
 # three variants per dtype, whatever the model.
 FUSED_BUCKETS = (32, 8, 1)
+
+# Statements, over named per-tensor values ("p", "g", "m", "v", scratch names, and any
+# name a statement defines) and the coefficient vector c:
+#   ("lin", dest, ((k, src), ...))    dest = sum c[k] * src; k None: coefficient 1;
+#                                      src None: the constant c[k]
+#   ("mul" | "div" | "max", dest, a, b) dest = a * b, a / b, maximum(a, b)
+#   ("abs", dest, src)                dest = |src|
+#   ("clamp", dest, src, k)           dest = src clamped to [-c[k], c[k]]
+#   ("u", dest, m, v, k_m, k_v, k_e)  dest = m c[k_m] / (sqrt(max(v, 0)) c[k_v] + c[k_e])
+Statement = tuple
+
+
+@dataclass(frozen=True)
+class Event:
+    """The element-wise work after gradient number ``gradient`` (0: before any)."""
+
+    gradient: int
+    statements: tuple[Statement, ...]
+    # (buffer, value): "p", "m", "v" or a scratch name, written after all statements
+    writes: tuple[tuple[str, str], ...]
+    # a value whose per-tensor sum of squares the event returns (global norms)
+    reduce: str | None = None
 
 
 def run_event(
@@ -29,10 +55,12 @@ def run_event(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     scratch: dict[str, Sequence[Tensor]],
-    coefficients: Sequence[float] | Tensor,
-) -> None:
-    """Executes ``event`` on each tensor: statements over named values, then the writes."""
+    coefficients: Sequence[float | Tensor] | Tensor,
+) -> list[Tensor]:
+    """Executes ``event`` on each tensor: statements over named values, then the writes.
+    Returns the per-tensor sums of squares of ``event.reduce`` (empty without one)."""
     c = coefficients
+    sums = []
     for i, p in enumerate(params):
         buffers = {"p": p, "m": exp_avgs[i], "v": exp_avg_sqs[i], **{k: v[i] for k, v in scratch.items()}}
         env: dict[str, Tensor] = {**buffers, "g": grads[i]}
@@ -41,16 +69,28 @@ def run_event(
             if kind == "lin":
                 value = None
                 for k, src in statement[2]:
-                    term = env[src] if k is None else env[src] * c[k]
+                    term = c[k] if src is None else env[src] if k is None else env[src] * c[k]
                     value = term if value is None else value + term
                 env[dest] = value
-            elif kind == "square":
-                env[dest] = env[statement[2]] * env[statement[2]]
+            elif kind == "mul":
+                env[dest] = env[statement[2]] * env[statement[3]]
+            elif kind == "div":
+                env[dest] = env[statement[2]] / env[statement[3]]
+            elif kind == "max":
+                env[dest] = torch.maximum(env[statement[2]], env[statement[3]])
+            elif kind == "abs":
+                env[dest] = env[statement[2]].abs()
+            elif kind == "clamp":
+                bound = c[statement[3]]
+                env[dest] = env[statement[2]].clamp(-bound, bound)
             else:  # "u": the update direction m / (sqrt(v) + eps), bias-corrected by scales
                 _, _, m, v, scale_m, scale_v, eps = statement
                 env[dest] = env[m] * c[scale_m] / (env[v].clamp(min=0).sqrt() * c[scale_v] + c[eps])
+        if event.reduce is not None:
+            sums.append(env[event.reduce].float().square().sum())
         for buffer, value in event.writes:
             buffers[buffer].copy_(env[value])
+    return sums
 
 
 # Inductor options per device type. CPU: sizes are symbolic, so the code must not pick
@@ -65,7 +105,7 @@ def compiled_event(event: Event, device_type: str) -> Callable[..., None]:
     that dynamo's per-code recompile limit counts only that event's few variants."""
 
     def imex_event(params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients):
-        run_event(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients)
+        return run_event(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients)
 
     code = imex_event.__code__.replace(co_name=f"imex_event_{abs(hash(event)):x}_{device_type}")
     fn = types.FunctionType(code, imex_event.__globals__, code.co_name, None, imex_event.__closure__)
@@ -92,23 +132,30 @@ class Batch:
             self.coefficients = torch.tensor(coefficients, dtype=dtype, device=params[0].device)
         self.tensors = (params, exp_avgs, exp_avg_sqs)
 
-    def run(self, event: Event, grads: list[Tensor | None]) -> None:
+    def run(self, event: Event, grads: list[Tensor | None], extra_coefficient: Tensor | None = None) -> list[Tensor]:
+        """Runs ``event``; returns the per-tensor sums of squares of ``event.reduce``.
+        ``extra_coefficient``: a 0-d tensor known only at run time (e.g. from a global
+        norm), appended to the coefficients without a device-to-host sync."""
         params, exp_avgs, exp_avg_sqs = self.tensors
+        coefficients = self.coefficients
+        if extra_coefficient is not None:
+            coefficients = (list(coefficients) + [extra_coefficient] if not self.fused else
+                            torch.cat([coefficients, extra_coefficient.reshape(1).to(coefficients)]))
         if not self.fused:
-            run_event(event, params, grads, exp_avgs, exp_avg_sqs, self.scratch, self.coefficients)
-            return
+            return run_event(event, params, grads, exp_avgs, exp_avg_sqs, self.scratch, coefficients)
         grads = [g.reshape(-1) if f and g is not None else g for g, f in zip(grads, self.flat)]
         fn = compiled_event(event, params[0].device.type)
-        n, start = len(params), 0
+        n, start, sums = len(params), 0, []
         # Sizes stay symbolic without "duck" sharing: otherwise two equal sizes in one bucket
         # would compile a variant that a bucket with different sizes cannot use.
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             for size in FUSED_BUCKETS:
                 while n - start >= size:
                     span = slice(start, start + size)
-                    fn(params[span], grads[span], exp_avgs[span], exp_avg_sqs[span],
-                       {k: v[span] for k, v in self.scratch.items()}, self.coefficients)
+                    sums += fn(params[span], grads[span], exp_avgs[span], exp_avg_sqs[span],
+                               {k: v[span] for k, v in self.scratch.items()}, coefficients)
                     start += size
+        return sums
 
 
 def _flat_view(t: Tensor, flat: bool) -> Tensor:

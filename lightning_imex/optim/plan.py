@@ -29,29 +29,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Hashable
 
+from .base import Program
+from .kernel import Event
 from .tableau import _TOL, IMEXTableau
 
-__all__ = ["Event", "Plan", "build_plan", "moment_rows"]
+__all__ = ["Plan", "build_plan", "moment_rows"]
 
 # Generic values of ``c = 1 - beta`` used to decide which coefficients vanish
 # identically and which stages share moments (coefficients are polynomials in c).
 _PROBES = (0.1234, 0.5678, 0.9012)
-
-# Statements: ("lin", dest, ((coef | None, src), ...))  dest = sum coef * src  (None: 1)
-#             ("square", dest, src)                    dest = src * src
-#             ("u", dest, m, v, scale_m, scale_v, eps)  dest = m s_m / (sqrt(max(v, 0)) s_v + eps)
-Statement = tuple
-
-
-@dataclass(frozen=True)
-class Event:
-    """The element-wise work after gradient number ``gradient`` (0: before any)."""
-
-    gradient: int
-    statements: tuple[Statement, ...]
-    # (buffer, value): "p", "m", "v" or a scratch name, written after all statements
-    writes: tuple[tuple[str, str], ...]
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -199,24 +185,18 @@ def build_plan(
     # A target written after the first event keeps a running sum from theta_n.
     accumulated = [t for t, at in written_at.items() if max(at) > first]
 
-    keys: dict[Hashable, int] = {}
-
-    def coef(key: Hashable) -> int:
-        return keys.setdefault(key, len(keys))
+    program = Program()
+    coef = program.c
 
     scratch: list[str] = []
     events = []
     for e in range(first, last + 1):
-        st: list[Statement] = []
+        st = program.statements
         writes: list[tuple[str, str]] = []
         m0, v0 = "m", "v"
         if e >= 1:
-            terms = ((coef(("sign",)), "g"),) if maximize else ((None, "g"),)
-            if l2:
-                terms += ((coef(("wd",)), "p"),)
-            if maximize or l2:
-                st.append(("lin", "g", terms))
-            st.append(("square", "gg", "g"))
+            program.gradient(maximize, l2)
+            st.append(("mul", "gg", "g", "g"))
         if e == 1 and reuse_gradient:
             # Finish the previous step's moments with this gradient (its last stage's).
             st.append(("lin", "m0", ((None, "m"), (coef(("pending", "m")), "g"))))
@@ -283,10 +263,10 @@ def build_plan(
                 writes.append(("p", "p_next"))
         # p last: a value may alias the current parameters
         writes.sort(key=lambda w: w[0] == "p")
-        events.append(Event(gradient=e, statements=tuple(st), writes=tuple(writes)))
+        events.append(program.event(writes, gradient=e))
 
     return Plan(
         tableau=tableau, events=tuple(events), scratch=tuple(scratch),
-        coefficient_keys=tuple(keys), has_pre_gradient_event=pre_gradient,
+        coefficient_keys=tuple(program.keys), has_pre_gradient_event=pre_gradient,
         allows_gradient_reuse=reusable, reuse_gradient=reuse_gradient,
     )
