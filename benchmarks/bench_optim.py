@@ -91,26 +91,27 @@ def main() -> None:
         refill()
         return median_ms(lambda: optimizer.step(refill), args.repeats, args.warmup, sync)
 
-    rows = []
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"{args.tensors} tensors, {size * args.tensors / 1e6:.1f}M fp32 params, {where}, torch {torch.__version__}")
+    print(f"{'optimizer':44s} {'median ms':>10s} {'ratio':>7s} {'warm-up s':>10s}")
     baseline, _ = timed(torch.optim.Adam(params, fused=True))
-    rows.append(("torch Adam fused (baseline)", baseline, 0.0))
-    rows.append(("torch Adam single-tensor", *timed(torch.optim.Adam(params, foreach=False))))
+
+    def row(label: str, optimizer: torch.optim.Optimizer) -> None:  # printed at once: partial runs still report
+        ms, warm = timed(optimizer)
+        print(f"{label:44s} {ms:10.2f} {ms / baseline:7.2f} {warm:10.1f}", flush=True)
+
+    print(f"{'torch Adam fused (baseline)':44s} {baseline:10.2f} {1.0:7.2f}", flush=True)
+    row("torch Adam single-tensor", torch.optim.Adam(params, foreach=False))
     configs = [(f"IMEXAdam {name}", IMEXAdam, {"tableau": name}) for name in args.tableaux.split(",") if name]
     configs += [("IMEXAdam trapezoidal reuse", IMEXAdam, {"reuse_gradient": True})]
     configs += [("AdaMax", AdaMax, {}), ("AdaMomentum", AdaMomentum, {}),
                 ("ClippedAdam coordinate", ClippedAdam, {}), ("ClippedAdam global", ClippedAdam, {"clip": "global"})]
     for label, cls, kwargs in configs:
         for fused in ([True] if args.skip_eager else [False, True]):
-            rows.append((f"{label} {'fused' if fused else 'eager'}", *timed(cls(params, fused=fused, **kwargs))))
-    rows.append(("AdaMomentum per-tensor loop", *timed(PerTensorAdaMomentum(params))))
+            row(f"{label} {'fused' if fused else 'eager'}", cls(params, fused=fused, **kwargs))
+    row("AdaMomentum per-tensor loop", PerTensorAdaMomentum(params))
     # The baseline again, to show the drift of a noisy machine within this run.
-    rows.append(("torch Adam fused (again)", timed(torch.optim.Adam(params, fused=True))[0], 0.0))
-
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
-    print(f"{args.tensors} tensors, {size * args.tensors / 1e6:.1f}M fp32 params, {where}, torch {torch.__version__}")
-    print(f"{'optimizer':44s} {'median ms':>10s} {'ratio':>7s} {'warm-up s':>10s}")
-    for label, ms, warm in rows:
-        print(f"{label:44s} {ms:10.2f} {ms / baseline:7.2f} {warm:10.1f}")
+    row("torch Adam fused (again)", torch.optim.Adam(params, fused=True))
 
 
 if __name__ == "__main__":

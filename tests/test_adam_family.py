@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import flat, loss_closure, make_data, make_net, train
+from conftest import DEVICES, flat, loss_closure, make_data, make_net, train
 from reference import paper_adam
 from torch import nn
 
@@ -199,9 +199,10 @@ def test_sparse_gradients_are_refused(cls):
     (ClippedAdam, {"lr": 0.05, "max_update": 1e-2}),
     (ClippedAdam, {"lr": 0.05, "max_update": 1e-2, "clip": "global", "bias_correction": True}),
 ])
-def test_fused_agrees_with_eager(net, cls, kwargs):
-    eager, _, _ = train(net, lambda p: cls(p, fused=False, **kwargs), 20)
-    fused, _, _ = train(net, lambda p: cls(p, fused=True, **kwargs), 20)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_agrees_with_eager(net, cls, kwargs, device):
+    eager, _, _ = train(net, lambda p: cls(p, fused=False, **kwargs), 20, device=device)
+    fused, _, _ = train(net, lambda p: cls(p, fused=True, **kwargs), 20, device=device)
     torch.testing.assert_close(flat(fused), flat(eager), atol=1e-6, rtol=1e-6)
 
 
