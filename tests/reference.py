@@ -4,7 +4,6 @@ running the scheme on the constant gradient 1."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch

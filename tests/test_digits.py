@@ -3,8 +3,8 @@ on sklearn's digits to >= 90% training accuracy."""
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from conftest import loss_closure
+from sklearn.datasets import load_digits
 from torch import nn
 
 from lightning_imex.optim import TABLEAUX, AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
