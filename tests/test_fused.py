@@ -88,3 +88,32 @@ def test_fused_state_dict_loads_into_eager(net, tmp_path):
     again = IMEXAdam(make_net().parameters(), lr=1e-2, fused=False)
     again.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
     assert all(s["step"] == 3 for s in again.state.values())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bfloat16_and_channels_last_parameters(fused):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    reference = [p.detach().clone() for p in conv.parameters()]
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = nn.Conv2d(3, 4, 3).to(dtype=dtype, memory_format=torch.channels_last)
+        with torch.no_grad():
+            for p, r in zip(model.parameters(), reference):
+                p.copy_(r)
+        opt = IMEXAdam(model.parameters(), lr=1e-2, fused=fused, tableau="ssp3_433")
+        for _ in range(3):
+            def closure():
+                opt.zero_grad()
+                loss = model(x.to(dtype)).float().square().mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+        out = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        if dtype == torch.float32:
+            expected = out
+        else:  # bf16 follows fp32 to bf16 precision
+            torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+        assert model.weight.stride() == conv.weight.stride()  # layout kept, state too
+        assert opt.state[model.weight]["exp_avg"].stride() == conv.weight.stride()
