@@ -39,8 +39,11 @@ __all__ = ["Plan", "build_plan", "moment_rows"]
 # identically and which stages share moments (coefficients are polynomials in c).
 _PROBES = (0.1234, 0.5678, 0.9012)
 
+
 @dataclass(frozen=True)
 class Plan:
+    """A tableau's step as events, with what the optimizer needs to drive them."""
+
     tableau: IMEXTableau
     events: tuple[Event, ...]
     scratch: tuple[str, ...]  # per-tensor buffers alive during one step
@@ -60,10 +63,8 @@ class Plan:
     ) -> list[float]:
         """The scalars for a step that starts after ``step`` completed steps."""
         s = self.tableau.num_stages
-        alpha = {"m": None, "v": None}
-        gamma = {"m": None, "v": None}
-        alpha["m"], gamma["m"] = moment_rows(self.tableau, 1.0 - beta1)
-        alpha["v"], gamma["v"] = moment_rows(self.tableau, 1.0 - beta2)
+        (alpha_m, gamma_m), (alpha_v, gamma_v) = moment_rows(self.tableau, 1.0 - beta1), moment_rows(self.tableau, 1.0 - beta2)
+        alpha, gamma = {"m": alpha_m, "v": alpha_v}, {"m": gamma_m, "v": gamma_v}
         # Bias-correction masses: the scheme run on gradient 1 from zero moments gives
         # final mass 1 - rho^n with rho = alpha_final, and stage mass 1 - alpha_i rho^n.
         decay_m, decay_v = alpha["m"][s] ** step, alpha["v"][s] ** step
