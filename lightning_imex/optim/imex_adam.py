@@ -109,6 +109,12 @@ class IMEXAdam(ElementwiseOptimizer):
         with torch.enable_grad():
             return closure()
 
+    @property
+    def requires_closure(self) -> bool:
+        """Whether ``step`` must call the closure (more than once, or away from the current
+        parameters): false for ``euler`` and with ``reuse_gradient=True``."""
+        return self._closure_needed([self._plan(self.param_groups[0])]) is not None
+
     def _closure_needed(self, plans: list[Plan]) -> str | None:
         plan = plans[0]
         if plan.has_pre_gradient_event:
@@ -139,8 +145,11 @@ class IMEXAdam(ElementwiseOptimizer):
         if closure is not None and not pre_gradient:
             loss = self._evaluate(closure)
             if loss is None and why is not None:
-                raise RuntimeError(f"{why}, but the closure returned None: it must return the loss "
-                                   "(and call backward) on every call")
+                raise RuntimeError(
+                    f"{why}, but the closure returned None: it must return the loss (and call backward) on "
+                    "every call. In Lightning manual optimization, `opt.step()` without a closure passes one "
+                    "that returns None: call `opt.step(closure=closure)` with a closure that computes the loss, "
+                    "calls `self.manual_backward(loss)` and returns it")
         batches = [self._batches(group, plan.scratch, self._coefficients(group, plan), without_grad=pre_gradient)
                    for group, plan in zip(groups, plans)]
         for index in range(len(plans[0].events)):

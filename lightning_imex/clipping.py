@@ -1,0 +1,211 @@
+"""Gradient clipping for Lightning's ``configure_gradient_clipping`` hook (ALGORITHMS.md
+section 6): global norm, element-wise value, or unit-wise adaptive (AGC); the pre-clip
+gradient norm logged; and a policy for non-finite gradients.
+
+Lightning calls the hook after every closure evaluation, so an optimizer that evaluates
+two or three gradients per step has each of them clipped."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .factory import to_plain
+
+__all__ = ["CLIP_ALGORITHMS", "NONFINITE_POLICIES", "GradientClipping", "NonFiniteGradientError",
+           "adaptive_clip_", "clip_gradients"]
+
+CLIP_ALGORITHMS = ("off", "norm", "value", "agc")
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN or inf and the policy is ``raise``."""
+
+
+class SkipStep(Exception):
+    """Raised by the hook under ``nonfinite="skip"``; :class:`~lightning_imex.IMEXModule`
+    catches it and leaves parameters and optimizer state as they were."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientClipping:
+    """How to clip.
+
+    Args:
+        algorithm: ``off``, ``norm`` (global ``norm_type`` norm over all parameters),
+            ``value`` (element-wise) or ``agc`` (unit-wise adaptive clipping).
+        threshold: the largest norm (``norm``), the largest ``|g|`` (``value``), or the
+            clip factor ``lambda`` (``agc``: a unit's gradient norm is held to
+            ``lambda * max(||w||, agc_eps)``).
+        norm_type: the norm of ``norm`` clipping (``inf`` allowed); the logged norm is
+            always this norm.
+        agc_eps: the smallest weight norm ``agc`` scales by.
+        agc_exclude_output: leave the output layer (the last module that holds
+            parameters) unclipped under ``agc``, as the NFNet paper recommends.
+        agc_exclude: more parameter-name patterns (``fnmatch``) that ``agc`` leaves alone.
+        nonfinite: ``raise`` (the error names the parameter and the global step), ``skip``
+            (the optimizer step is skipped: parameters and optimizer state stay exactly as
+            they were; needs :class:`~lightning_imex.IMEXModule`) or ``ignore``. Under
+            ``16-mixed`` the gradient scaler owns overflow steps and this is not applied.
+        log: log ``grad_norm`` (pre-clip) and ``grad_clipped`` (1.0 when clipping
+            changed the gradient) each step, from the step's first gradient evaluation.
+    """
+
+    algorithm: str = "off"
+    threshold: float | None = None
+    norm_type: float = 2.0
+    agc_eps: float = 1e-3
+    agc_exclude_output: bool = True
+    agc_exclude: tuple[str, ...] = ()
+    nonfinite: str = "raise"
+    log: bool = True
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in CLIP_ALGORITHMS:
+            raise ValueError(f"clipping.algorithm must be one of {CLIP_ALGORITHMS}, got {self.algorithm!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"clipping.nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        if self.algorithm == "off":
+            if self.threshold is not None:
+                raise ValueError("clipping.threshold is set but clipping.algorithm is 'off'")
+        elif not (_is_number(self.threshold) and 0 < self.threshold < math.inf):
+            raise ValueError(f"clipping.threshold must be a finite number > 0 for algorithm "
+                             f"{self.algorithm!r}, got {self.threshold!r}")
+        if not (_is_number(self.norm_type) and self.norm_type > 0):
+            raise ValueError(f"clipping.norm_type must be a number > 0 (or inf), got {self.norm_type!r}")
+        if not (_is_number(self.agc_eps) and 0 < self.agc_eps < math.inf):
+            raise ValueError(f"clipping.agc_eps must be a finite number > 0, got {self.agc_eps!r}")
+        for name in ("agc_exclude_output", "log"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"clipping.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.agc_exclude, str) or not all(isinstance(p, str) for p in self.agc_exclude):
+            raise TypeError(f"clipping.agc_exclude must be a list of name patterns, got {self.agc_exclude!r}")
+        object.__setattr__(self, "agc_exclude", tuple(self.agc_exclude))
+
+    @classmethod
+    def from_config(cls, config: Any) -> GradientClipping:
+        """From ``None`` (the defaults), an instance, or a mapping of its fields (dict or
+        OmegaConf); unknown fields are errors that list the allowed ones."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        config = to_plain(config, "clipping")
+        if not isinstance(config, dict):
+            raise TypeError(f"clipping must be a mapping of {[f.name for f in dataclasses.fields(cls)]}, "
+                            f"got {config!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in config:
+            if key not in allowed:
+                raise ValueError(f"clipping.{key}: unknown field; allowed: {', '.join(allowed)}")
+        return cls(**config)
+
+    def with_trainer(self, gradient_clip_val: float | None, gradient_clip_algorithm: Any) -> GradientClipping:
+        """This config, or the Trainer's ``gradient_clip_val``/``_algorithm`` when this
+        one is ``off``; both set is an error."""
+        if gradient_clip_val is None or gradient_clip_val == 0:
+            return self
+        if self.algorithm != "off":
+            raise ValueError(
+                f"gradient clipping is configured twice: clipping.algorithm={self.algorithm!r} on the module and "
+                f"Trainer(gradient_clip_val={gradient_clip_val}); set it in one place")
+        algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm")
+        return dataclasses.replace(self, algorithm=algorithm, threshold=float(gradient_clip_val))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def clip_gradients(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clipping: GradientClipping | Mapping[str, Any] | None,
+    gradient_clip_val: float | None = None,
+    gradient_clip_algorithm: Any = None,
+) -> None:
+    """The body of a ``configure_gradient_clipping`` hook; any LightningModule can use it::
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            clip_gradients(self, optimizer, {"algorithm": "agc", "threshold": 0.01},
+                           gradient_clip_val, gradient_clip_algorithm)
+    """
+    config = GradientClipping.from_config(clipping).with_trainer(gradient_clip_val, gradient_clip_algorithm)
+    trainer = getattr(module, "_trainer", None)
+    if config.nonfinite == "skip" and not getattr(module, "can_skip_steps", False):
+        raise ValueError("clipping.nonfinite='skip' needs a module whose optimizer_step can undo a step: "
+                         "subclass lightning_imex.IMEXModule, or use nonfinite='raise' or 'ignore'")
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, config.norm_type)
+    logging = config.log and trainer is not None
+    if logging:
+        module.log("grad_norm", total, on_step=True, on_epoch=False)
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if config.nonfinite != "ignore" and scaler is None and not torch.isfinite(total):
+        _non_finite(module, params, config.nonfinite, trainer)
+    clipped = None
+    if config.algorithm == "norm":
+        torch.nn.utils.clip_grads_with_norm_(params, config.threshold, total)
+        clipped = total > config.threshold
+    elif config.algorithm == "value":
+        clipped = torch.stack(torch._foreach_norm(grads, math.inf)).max() > config.threshold
+        torch.nn.utils.clip_grad_value_(params, config.threshold)
+    elif config.algorithm == "agc":
+        excluded = _agc_excluded(module, config)
+        kept = [p for p in params if id(p) not in excluded]
+        clipped = adaptive_clip_(kept, config.threshold, config.agc_eps) if kept else torch.tensor(False)
+    if logging and clipped is not None:
+        module.log("grad_clipped", clipped.float(), on_step=True, on_epoch=False)
+
+
+def _non_finite(module: nn.Module, params: list[Tensor], policy: str, trainer: Any) -> None:
+    if policy == "skip":
+        raise SkipStep
+    names = {id(p): name for name, p in module.named_parameters()}
+    bad = [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in params if not torch.isfinite(p.grad).all()]
+    step = trainer.global_step if trainer is not None else "?"
+    evaluation = getattr(module, "gradient_evaluation", 0)
+    where = f" (gradient evaluation {evaluation + 1} of the step)" if evaluation else ""
+    raise NonFiniteGradientError(
+        f"non-finite gradient in parameter {bad[0]!r} at global step {step}{where}"
+        + (f" ({len(bad) - 1} more parameters too)" if len(bad) > 1 else "")
+        + "; lower the learning rate, check the data and loss, or set clipping.nonfinite='skip'")
+
+
+def _agc_excluded(module: nn.Module, config: GradientClipping) -> set[int]:
+    excluded = {id(p) for name, p in module.named_parameters()
+                if any(fnmatch.fnmatchcase(name.replace("_orig_mod.", ""), pat) for pat in config.agc_exclude)}
+    if config.agc_exclude_output:
+        owners = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+        if owners:
+            excluded |= {id(p) for p in owners[-1].parameters(recurse=False)}
+    return excluded
+
+
+@torch.no_grad()
+def adaptive_clip_(params: Sequence[Tensor], clip: float, eps: float = 1e-3) -> Tensor:
+    """Unit-wise adaptive gradient clipping in place (ALGORITHMS.md section 6): each output
+    unit's gradient (a slice along dim 0; a whole vector or scalar is one unit) is scaled
+    to at most ``clip * max(||w_unit||, eps)``. Returns whether any unit was clipped."""
+    clipped = []
+    for p in params:
+        g = p.grad
+        dims = tuple(range(1, p.ndim)) if p.ndim > 1 else None
+        keep, dtype = p.ndim > 1, torch.promote_types(p.dtype, torch.float32)  # bf16 norms in fp32
+        w_norm = torch.linalg.vector_norm(p, dim=dims, keepdim=keep, dtype=dtype)
+        g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=keep, dtype=dtype)
+        limit = w_norm.clamp(min=eps) * clip
+        over = g_norm > limit
+        g.mul_(torch.where(over, limit / g_norm.clamp(min=torch.finfo(g_norm.dtype).tiny), 1.0).to(g.dtype))
+        clipped.append(over.any())
+    return torch.stack(clipped).any()

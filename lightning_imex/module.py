@@ -1,0 +1,117 @@
+"""``IMEXModule``: a LightningModule base class that builds its optimizer and schedule
+from configs, clips gradients, and runs multi-gradient optimizer steps correctly; a
+subclass writes only the model and the step logic."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+from lightning.fabric.utilities.data import AttributeDict
+
+from .clipping import GradientClipping, clip_gradients
+from .factory import configure_optimizers, optimizer_config, scheduler_config, to_plain
+from .multigradient import StepEvaluations, check_fit
+
+__all__ = ["IMEXModule"]
+
+
+class IMEXModule(L.LightningModule):
+    """Subclass it, build the network in ``__init__`` and write ``training_step`` (and
+    the validation/test steps)::
+
+        class Classifier(IMEXModule):
+            def __init__(self, hidden: int = 64, **kwargs):
+                super().__init__(**kwargs)
+                self.save_hyperparameters()
+                self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                loss = F.cross_entropy(self.net(x), y)
+                self.log("train_loss", loss)
+                return loss
+
+        Classifier(optimizer={"name": "imex_adam", "lr": 3e-3, "tableau": "trapezoidal"},
+                   scheduler={"name": "warmup_cosine", "warmup_steps": 50},
+                   clipping={"algorithm": "norm", "threshold": 1.0})
+
+    Args:
+        optimizer: a registry name, an optimizer class, a Hydra partial or a config
+            mapping (:func:`~lightning_imex.factory.optimizer_config`).
+        scheduler: ``None`` or a schedule config (:func:`~lightning_imex.factory.scheduler_config`).
+        clipping: a :class:`~lightning_imex.clipping.GradientClipping` or a mapping of
+            its fields; ``None`` clips nothing (unless the Trainer's
+            ``gradient_clip_val`` is set) and raises on non-finite gradients.
+        decay_norm_and_bias, no_weight_decay, lr_multipliers: parameter groups
+            (:func:`~lightning_imex.factory.parameter_groups`).
+
+    With an optimizer that evaluates several gradients per step, ``training_step`` runs
+    once per evaluation; :attr:`gradient_evaluation` says which (0 = the step's start
+    point). ``self.log`` records only the first, and buffers (BatchNorm statistics) and
+    torchmetrics states keep only the first's updates. ``save_hyperparameters`` stores
+    configs as plain containers, so checkpoints load with ``weights_only=True``.
+    """
+
+    can_skip_steps = True  # clipping.nonfinite="skip" needs an optimizer_step that can undo a step
+
+    def __init__(
+        self,
+        optimizer: Any = "imex_adam",
+        scheduler: Any = None,
+        clipping: Any = None,
+        decay_norm_and_bias: bool = False,
+        no_weight_decay: Sequence[str] = (),
+        lr_multipliers: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.optimizer_config = optimizer_config(optimizer)
+        self.scheduler_config = scheduler_config(scheduler)
+        self.clipping = GradientClipping.from_config(clipping)
+        self.param_group_config = dict(decay_norm_and_bias=decay_norm_and_bias,
+                                       no_weight_decay=tuple(to_plain(no_weight_decay, "no_weight_decay")),
+                                       lr_multipliers=to_plain(dict(lr_multipliers or {}), "lr_multipliers"))
+        self._evaluations = StepEvaluations(self)
+
+    @property
+    def gradient_evaluation(self) -> int:
+        """Which closure evaluation of the current optimizer step is running (0 first)."""
+        return self._evaluations.index
+
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
+                             logger: bool = True) -> None:
+        """Lightning's, then every value made plain (:func:`~lightning_imex.factory.to_plain`):
+        an unstorable one is an error now rather than at the first checkpoint."""
+        frame = frame if frame is not None else inspect.currentframe().f_back
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        self._hparams = AttributeDict(to_plain(dict(self._hparams), "hyper-parameter"))
+        self._hparams_initial = copy.deepcopy(self._hparams)
+
+    def configure_optimizers(self) -> Any:
+        return configure_optimizers(self, self.optimizer_config, self.scheduler_config, **self.param_group_config)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip_gradients(self, optimizer, self.clipping, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        undoable = self.clipping.nonfinite == "skip"
+        stepped = self._evaluations.step(optimizer, optimizer_closure, undoable)
+        if undoable:
+            self.log("step_skipped", float(not stepped), on_step=True, on_epoch=False)
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        if self._evaluations.index == 0:  # a step's later gradient evaluations log nothing
+            super().log(*args, **kwargs)
+
+    def on_fit_start(self) -> None:
+        check_fit(self.trainer)
+        self.clipping.with_trainer(self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = to_plain(dict(checkpoint["hyper_parameters"]), "hyper-parameter")
+            checkpoint.pop("hparams_type", None)

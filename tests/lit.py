@@ -1,0 +1,67 @@
+"""Small Lightning fixtures shared by the Lightning tests: a classifier on IMEXModule,
+in-memory data, a quiet Trainer, and the rows a CSVLogger wrote."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import torch
+from conftest import make_data
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_imex import IMEXModule
+
+
+class Classifier(IMEXModule):
+    def __init__(self, hidden: int = 16, batch_norm: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+        self.net = nn.Sequential(nn.Linear(6, hidden), *norm, nn.Tanh(), nn.Linear(hidden, 3))
+        self.calls = 0
+        self.poison: tuple[int, int] | None = None  # (global step, gradient evaluation) whose loss is NaN
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.poison == (self.trainer.global_step, self.gradient_evaluation):
+            loss = loss * float("nan")
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+def loader(n: int = 64, batch_size: int = 16, seed: int = 1) -> torch.utils.data.DataLoader:
+    x, _ = make_data(seed=seed, n=n)
+    y = x[:, :3].argmax(1)  # learnable labels
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+def trainer(tmp_path: Path | None = None, **kwargs) -> L.Trainer:
+    """A CPU Trainer; with ``tmp_path``, a CSVLogger there logging every step."""
+    options = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                   logger=False, enable_checkpointing=False, log_every_n_steps=1)
+    if tmp_path is not None:
+        options.update(logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""), default_root_dir=tmp_path)
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def logged_rows(trainer: L.Trainer) -> list[dict[str, str]]:
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[float]:
+    return [float(r[name]) for r in rows if r.get(name)]
