@@ -55,7 +55,8 @@ class GradientClipping:
             they were; needs :class:`~lightning_imex.IMEXModule`) or ``ignore``. Under
             ``16-mixed`` the gradient scaler owns overflow steps and this is not applied.
         log: log ``grad_norm`` (pre-clip) and ``grad_clipped`` (1.0 when clipping
-            changed the gradient) each step, from the step's first gradient evaluation.
+            changed the gradient) of the step's first gradient evaluation, on the steps
+            the Trainer's loggers record (``log_every_n_steps``).
     """
 
     algorithm: str = "off"
@@ -147,7 +148,7 @@ def clip_gradients(
         return
     grads = [p.grad for p in params]
     total = torch.nn.utils.get_total_norm(grads, config.norm_type)
-    logging = config.log and trainer is not None
+    logging = config.log and logs_this_step(trainer)
     if logging:
         module.log("grad_norm", total, on_step=True, on_epoch=False)
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
@@ -166,6 +167,14 @@ def clip_gradients(
         clipped = adaptive_clip_(kept, config.threshold, config.agc_eps) if kept else torch.tensor(False)
     if logging and clipped is not None:
         module.log("grad_clipped", clipped.float(), on_step=True, on_epoch=False)
+
+
+def logs_this_step(trainer: Any) -> bool:
+    """Whether the Trainer's loggers record this step (``log_every_n_steps``): a
+    ``self.log`` call costs about 0.3 ms, a third of a small model's step."""
+    if trainer is None or not trainer.loggers:
+        return False
+    return trainer._logger_connector.should_update_logs
 
 
 def _non_finite(module: nn.Module, params: list[Tensor], policy: str, trainer: Any) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.data import AttributeDict
 
-from .clipping import GradientClipping, clip_gradients
+from .clipping import GradientClipping, clip_gradients, logs_this_step
 from .factory import configure_optimizers, optimizer_config, scheduler_config, to_plain
 from .multigradient import StepEvaluations, check_fit
 
@@ -75,6 +75,7 @@ class IMEXModule(L.LightningModule):
                                        no_weight_decay=tuple(to_plain(no_weight_decay, "no_weight_decay")),
                                        lr_multipliers=to_plain(dict(lr_multipliers or {}), "lr_multipliers"))
         self._evaluations = StepEvaluations(self)
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients (clipping.nonfinite="skip")
 
     @property
     def gradient_evaluation(self) -> int:
@@ -99,9 +100,10 @@ class IMEXModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         undoable = self.clipping.nonfinite == "skip"
-        stepped = self._evaluations.step(optimizer, optimizer_closure, undoable)
-        if undoable:
-            self.log("step_skipped", float(not stepped), on_step=True, on_epoch=False)
+        if not self._evaluations.step(optimizer, optimizer_closure, undoable):
+            self.skipped_steps += 1
+        if undoable and self.clipping.log and logs_this_step(self._trainer):
+            self.log("skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def log(self, *args: Any, **kwargs: Any) -> None:
         if self._evaluations.index == 0:  # a step's later gradient evaluations log nothing

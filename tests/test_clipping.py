@@ -173,6 +173,10 @@ def test_logs_pre_clip_norm_and_clipped_flag_once_per_step(tmp_path):
     assert norms == pytest.approx([before for before, _ in first_evaluations], rel=1e-5)
     assert clipped == [float(before > 0.6) for before, _ in first_evaluations]
     assert 0 < sum(clipped) < 6  # the threshold sits inside the range the test exercises
+    sparse = trainer(tmp_path / "every_third", max_steps=6, log_every_n_steps=3)
+    sparse.fit(Recording(clipping={"algorithm": "norm", "threshold": 0.6}), loader())
+    logged_steps = [int(r["step"]) for r in logged_rows(sparse) if r["grad_norm"]]
+    assert logged_steps == [2, 5]  # only on the steps the logger records
 
 
 def optimizer_snapshot(fit):
@@ -211,7 +215,8 @@ def test_skip_leaves_parameters_and_optimizer_state_bit_identical(tmp_path, tabl
     assert_same_state(snapshots.states[3], snapshots.states[2])
     assert not torch.equal(snapshots.params[2], snapshots.params[1])  # the other steps did step
     assert torch.isfinite(flat(module)).all()
-    assert column(logged_rows(fit), "step_skipped") == [0.0, 0.0, 1.0, 0.0]
+    assert column(logged_rows(fit), "skipped_steps") == [0.0, 0.0, 1.0, 1.0]
+    assert module.skipped_steps == 1
 
 
 @pytest.mark.parametrize("tableau,evaluation", [("euler", 0), ("trapezoidal", 1)])

@@ -368,3 +368,18 @@ def test_non_preserving_tableau_can_go_negative_but_never_takes_sqrt_of_negative
         negative |= any((s["exp_avg_sq"] < 0).any().item() for s in opt.state.values())
         assert not any(torch.isnan(p).any() for p in model.parameters())
     assert negative  # the trap ALGORITHMS.md describes is real, and it is survived without NaN
+
+
+def test_euler_runs_as_torch_fused_adam_unless_fused_false(net, monkeypatch):
+    calls = []
+    for name in ("_fused_adam_", "_fused_adamw_"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, real=real, name=name, **k: (calls.append(name), real(*a, **k)))
+    options = dict(tableau="euler", lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    eager, _, _ = train(net, lambda p: IMEXAdam(p, fused=False, **options), 20)
+    paper, _, _ = train(net, lambda p: IMEXAdam(p, bias_correction=False, **options), 2)
+    assert calls == []  # the reference program, and euler without bias correction (not Adam)
+    kernel, opt, _ = train(net, lambda p: IMEXAdam(p, **options), 20)
+    assert calls == ["_fused_adamw_"] * 20
+    assert {s["step"] for s in opt.state.values()} == {20}
+    torch.testing.assert_close(flat(kernel), flat(eager), atol=1e-6, rtol=0)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from .base import ElementwiseOptimizer, check_adam_hyperparameters, gradient_flags, number
+from .base import ElementwiseOptimizer, check_adam_hyperparameters, gradient_flags, number, sparse_error
 from .plan import Plan, build_plan
 from .tableau import TABLEAUX, IMEXTableau, get_tableau
 
@@ -44,7 +45,8 @@ class IMEXAdam(ElementwiseOptimizer):
             pass per bucket of tensors, after a one-time compile of a few seconds per
             gradient stage. ``None`` picks it on CUDA and for large CPU groups
             (:func:`~lightning_imex.optim.kernel.select_fused`); ``False`` is the eager
-            reference path.
+            reference path. ``euler`` with bias correction is Adam, and unless ``False``
+            runs as torch's fused Adam kernel.
     """
 
     def __init__(
@@ -150,8 +152,10 @@ class IMEXAdam(ElementwiseOptimizer):
                     "every call. In Lightning manual optimization, `opt.step()` without a closure passes one "
                     "that returns None: call `opt.step(closure=closure)` with a closure that computes the loss, "
                     "calls `self.manual_backward(loss)` and returns it")
-        batches = [self._batches(group, plan.scratch, self._coefficients(group, plan), without_grad=pre_gradient)
-                   for group, plan in zip(groups, plans)]
+        as_adam = [self._runs_as_torch_adam(group) for group in groups]
+        batches = [[] if adam else
+                   self._batches(group, plan.scratch, self._coefficients(group, plan), without_grad=pre_gradient)
+                   for group, plan, adam in zip(groups, plans, as_adam)]
         for index in range(len(plans[0].events)):
             gradient = plans[0].events[index].gradient
             if gradient >= 2 or (gradient == 1 and pre_gradient):
@@ -164,6 +168,9 @@ class IMEXAdam(ElementwiseOptimizer):
             for plan, group_batches in zip(plans, batches):
                 for batch in group_batches:
                     batch.run(plan.events[index], self._gradients(batch.params, gradient >= 1))
+        for group, adam in zip(groups, as_adam):
+            if adam:
+                self._torch_adam_step(group)
         for group_batches in batches:
             self._count_step(group_batches)
             if self.reuse_gradient:
@@ -171,6 +178,35 @@ class IMEXAdam(ElementwiseOptimizer):
                     for p in batch.params:
                         self.state[p]["pending"] = True
         return loss
+
+    def _runs_as_torch_adam(self, group: dict[str, Any]) -> bool:
+        """IMEX Euler with bias correction is Adam exactly (tested against torch.optim.Adam
+        on the eager path), so its fused path is torch's fused Adam kernel: one pass, no
+        compile, on every device that has it."""
+        return (self.fused is not False and self.tableau == TABLEAUX["euler"] and group["bias_correction"]
+                and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in group["params"]))
+
+    def _torch_adam_step(self, group: dict[str, Any]) -> None:
+        split: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise sparse_error(type(self).__name__, p)
+            state = self.state[p]
+            if not state:
+                self._init_state(state, p)
+            split[(p.device, p.dtype, state["step"])].append(p)
+        kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+        beta1, beta2 = group["betas"]
+        for (device, _, step), params in split.items():
+            states = [self.state[p] for p in params]
+            kernel(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [], [torch.full((), step + 1.0, device=device)] * len(params),
+                   lr=number("lr", group["lr"]), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                   eps=group["eps"], amsgrad=False, maximize=group["maximize"])
+            for state in states:
+                state["step"] += 1
 
     def _init_state(self, state: dict[str, Any], p: Tensor) -> None:
         super()._init_state(state, p)
