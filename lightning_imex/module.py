@@ -76,6 +76,7 @@ class IMEXModule(L.LightningModule):
                                        lr_multipliers=to_plain(dict(lr_multipliers or {}), "lr_multipliers"))
         self._evaluations = StepEvaluations(self)
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients (clipping.nonfinite="skip")
+        self._checked_fit: int | None = None  # id() of the Trainer whose settings were checked
 
     @property
     def gradient_evaluation(self) -> int:
@@ -99,6 +100,7 @@ class IMEXModule(L.LightningModule):
         clip_gradients(self, optimizer, self.clipping, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        self._check_fit()  # done by on_fit_start, unless a subclass overrides it without super()
         undoable = self.clipping.nonfinite == "skip"
         if not self._evaluations.step(optimizer, optimizer_closure, undoable):
             self.skipped_steps += 1
@@ -110,8 +112,15 @@ class IMEXModule(L.LightningModule):
             super().log(*args, **kwargs)
 
     def on_fit_start(self) -> None:
-        check_fit(self.trainer)
-        self.clipping.with_trainer(self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+        self._check_fit()
+
+    def _check_fit(self) -> None:
+        """The multi-gradient guards and the clipping settings, once per fit."""
+        trainer = self.trainer
+        if self._checked_fit != id(trainer):
+            check_fit(trainer)
+            self.clipping.with_trainer(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            self._checked_fit = id(trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "hyper_parameters" in checkpoint:

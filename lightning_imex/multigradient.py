@@ -4,7 +4,8 @@ trapezoidal, ssp3_433, ars222/ars343; also ``torch.optim.LBFGS``).
 Lightning's automatic optimization hands the optimizer a closure that runs
 ``training_step`` and ``backward``; such an optimizer calls it once per gradient stage.
 This module checks, when fit starts, the settings under which that silently goes wrong,
-and runs a step so that its later evaluations leave no trace besides their gradients:
+and runs a step so that its later evaluations see the same stochastic loss (random
+generators rewound: the same dropout masks) and leave no trace besides their gradients:
 ``self.log`` records once per step (the start point's values), metric objects and
 buffers (BatchNorm running statistics) update once, and the step's output is the first
 evaluation's."""
@@ -73,14 +74,18 @@ class StepEvaluations:
         """``optimizer.step(closure)``; with ``undoable``, a :class:`SkipStep` raised
         during it restores parameters and optimizer state. Returns whether it stepped."""
         saved = OptimizerSnapshot(optimizer) if undoable and requires_closure(optimizer) else None
-        count, first, side_effects = 0, None, None
+        count, first, side_effects, random = 0, None, None, None
         # Lightning names logged values by the running hook and does not restore the name
         # when a hook raises; a skipped step's later logs belong to optimizer_step
         hook = getattr(self.module, "_current_fx_name", None)
 
         def evaluation() -> Any:
-            nonlocal count, first, side_effects
+            nonlocal count, first, side_effects, random
             self.index, count = count, count + 1
+            if self.index == 0:
+                random = RandomState()
+            else:  # the same dropout masks and augmentations: the same stochastic loss
+                random.restore()
             if self.index == 1:  # from here on, buffers and metrics go back to this point
                 side_effects = SideEffects(self.module)
             try:
@@ -103,6 +108,19 @@ class StepEvaluations:
             if isinstance(closure, Closure) and count > 1:
                 closure._result = first  # the step's output is its start point's
         return True
+
+
+class RandomState:
+    """The CPU and (initialised) CUDA generators' states."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
 
 
 class SideEffects:

@@ -145,3 +145,37 @@ def test_batchnorm_statistics_and_metrics_update_once_per_step():
     assert bn.num_batches_tracked.item() == 1
     assert module.seen.compute().item() == 16  # not 32
     assert not torch.equal(module.net[0].weight, reference[0].weight)  # it did step
+
+
+class Noisy(Classifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.draws = []
+
+    def training_step(self, batch, batch_idx):
+        self.draws.append(torch.rand(4))  # as dropout or an augmentation would draw
+        return super().training_step(batch, batch_idx)
+
+
+def test_later_evaluations_draw_the_same_random_numbers():
+    module = Noisy(optimizer={**TRAPEZOIDAL, "tableau": "ssp3_433"})
+    trainer(max_steps=2).fit(module, loader())
+    first, second = module.draws[:3], module.draws[3:]
+    assert all(torch.equal(d, first[0]) for d in first) and all(torch.equal(d, second[0]) for d in second)
+    assert not torch.equal(first[0], second[0])
+    euler = Noisy(optimizer={**TRAPEZOIDAL, "tableau": "euler"})
+    trainer(max_steps=2).fit(euler, loader())
+    assert torch.equal(euler.draws[1], second[0])  # the random stream advances as with one evaluation
+
+
+class OwnFitStart(Classifier):
+    def on_fit_start(self):  # no super(): the guards still run, at the first optimizer step
+        pass
+
+
+def test_guards_hold_when_on_fit_start_is_overridden():
+    module = OwnFitStart(optimizer=TRAPEZOIDAL)
+    before = flat(module)
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches=2 would add"):
+        trainer(max_steps=2, accumulate_grad_batches=2).fit(module, loader())
+    assert torch.equal(flat(module), before)

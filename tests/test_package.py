@@ -49,7 +49,9 @@ def test_ci_runs_the_readme_test_command():
     assert test.strip() in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_python_snippet_runs():
-    text = (ROOT / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)\n```", text, re.S).group(1)
+README_SNIPPETS = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+
+
+@pytest.mark.parametrize("snippet", README_SNIPPETS, ids=[f"snippet{i}" for i in range(len(README_SNIPPETS))])
+def test_readme_python_snippets_run(snippet):
     subprocess.run([sys.executable, "-c", snippet], check=True, cwd=ROOT, timeout=300)
