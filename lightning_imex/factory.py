@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -279,6 +280,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any, total_step
             raise ValueError("scheduler.total_steps is required outside a Trainer (inside one it defaults "
                              "to the fit's length)")
         kwargs["total_steps"] = total_steps
+        warmup = kwargs.get("warmup_steps", 0)
+        if warmup >= total_steps:  # a short debug fit (fast_dev_run, limit_train_batches)
+            warnings.warn(f"scheduler.warmup_steps={warmup} is not shorter than this fit ({total_steps} "
+                          f"scheduler steps): warming up over {total_steps - 1}", stacklevel=2)
+            kwargs["warmup_steps"] = total_steps - 1
     return {"scheduler": builder(optimizer, **kwargs), "interval": config["interval"],
             "frequency": config["frequency"], "monitor": config["monitor"], "name": None}
 

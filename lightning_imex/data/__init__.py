@@ -1,0 +1,22 @@
+"""The app's datasets as LightningDataModules, by name. None is ever downloaded: bundled
+with scikit-learn, generated in code (offline), or read from the user's files."""
+
+from collections.abc import Mapping
+
+from .base import ArrayDataModule
+from .files import CIFAR10DataModule, MNISTDataModule
+from .generated import (DiabetesDataModule, DigitsDataModule, GaussiansDataModule, Lorenz63DataModule,
+                        MNIST1DDataModule, SpiralsDataModule)
+
+DATAMODULES: Mapping[str, type[ArrayDataModule]] = {
+    "digits": DigitsDataModule,
+    "diabetes": DiabetesDataModule,
+    "mnist1d": MNIST1DDataModule,
+    "spirals": SpiralsDataModule,
+    "gaussians": GaussiansDataModule,
+    "lorenz63": Lorenz63DataModule,
+    "mnist": MNISTDataModule,
+    "cifar10": CIFAR10DataModule,
+}
+
+__all__ = ["DATAMODULES", "ArrayDataModule", *(cls.__name__ for cls in DATAMODULES.values())]
