@@ -1,5 +1,6 @@
 """Packaging promises: layering, configs, and the README's commands."""
 
+import os
 import re
 import subprocess
 import sys
@@ -55,3 +56,19 @@ README_SNIPPETS = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read
 @pytest.mark.parametrize("snippet", README_SNIPPETS, ids=[f"snippet{i}" for i in range(len(README_SNIPPETS))])
 def test_readme_python_snippets_run(snippet):
     subprocess.run([sys.executable, "-c", snippet], check=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_configs_ship_with_a_plain_install(tmp_path):
+    """After a non-editable ``pip install .``, the app finds its configs in the package."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import lightning_imex, lightning_imex.train\n"
+            "from hydra import compose, initialize_config_module\n"
+            "with initialize_config_module(config_module='lightning_imex.conf', version_base='1.3'):\n"
+            "    cfg = compose('train', overrides=['experiment=imex_spirals'])\n"
+            "print(lightning_imex.__file__, cfg.optimizer.tableau, cfg.dataset.name)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+                         check=True, capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == [str(site / "lightning_imex" / "__init__.py"), "trapezoidal", "spirals"]

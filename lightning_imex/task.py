@@ -1,0 +1,67 @@
+"""The module the app trains: a network from ``lightning_imex.models`` on a datamodule's
+classification or regression task, with torchmetrics metrics, on ``IMEXModule``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics import Accuracy, MeanSquaredError, Metric
+
+from .factory import to_plain
+from .models import build_model
+from .module import IMEXModule
+
+__all__ = ["TASKS", "SupervisedTask"]
+
+TASKS = ("classification", "regression")
+STAGES = ("train", "val", "test")
+
+
+class SupervisedTask(IMEXModule):
+    """Logs ``{stage}/loss`` and ``{stage}/acc`` (classification) or ``{stage}/mse``
+    (regression) for the train, val and test stages; the remaining arguments are
+    :class:`~lightning_imex.IMEXModule`'s."""
+
+    def __init__(self, model: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int,
+                 task: str = "classification", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.save_hyperparameters()
+        self.net = build_model(to_plain(model, "model"), input_shape, num_outputs)
+        self.task, self.metric_name = task, "acc" if task == "classification" else "mse"
+        self.metrics = nn.ModuleDict({f"{stage}_{self.metric_name}": self._metric(num_outputs) for stage in STAGES})
+
+    def _metric(self, num_outputs: int) -> Metric:
+        if self.task == "classification":
+            return Accuracy(task="multiclass", num_classes=num_outputs)
+        return MeanSquaredError()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _step(self, batch: Sequence[Tensor], stage: str) -> Tensor:
+        x, y = batch
+        out = self(x)
+        loss = F.cross_entropy(out, y) if self.task == "classification" else F.mse_loss(out, y)
+        metric = self.metrics[f"{stage}_{self.metric_name}"]
+        metric(out, y)
+        training = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=True, sync_dist=not training)
+        self.log(f"{stage}/{self.metric_name}", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0])

@@ -1,0 +1,118 @@
+"""The Hydra app: every config composes and runs, the default job learns digits, multirun,
+2-process DDP on CPU, resume from a checkpoint, and bad overrides fail fast in one line."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+import lightning_imex.train as app
+from lightning_imex.data import DATAMODULES
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIMIZERS = sorted(p.stem for p in (ROOT / "conf" / "optimizer").glob("*.yaml"))
+IMAGE_DATASETS = {"digits", "mnist", "cifar10"}
+FILE_DATASETS = {"mnist", "cifar10"}  # read from the user's files: covered with synthetic files below
+
+
+def config(tmp_path: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lightning_imex.conf", version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path}/data",
+                                           "trainer=debug", "logger=none", *overrides])
+
+
+def run_app(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``lightning-imex-train`` as a user runs it, in ``tmp_path``."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "lightning_imex.train", *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.filterwarnings("ignore::lightning_imex.optim.PositivityWarning")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_config_runs(tmp_path, optimizer):
+    metrics = app.train(config(tmp_path, f"optimizer={optimizer}", "callbacks=none"))
+    assert "train/loss" in metrics
+
+
+COMBOS = [(d, m) for d in sorted(DATAMODULES) if d not in FILE_DATASETS
+          for m in ("logreg", "mlp", "cnn", "resnet") if m in ("logreg", "mlp") or d in IMAGE_DATASETS]
+
+
+@pytest.mark.parametrize("dataset,model", COMBOS)
+def test_every_dataset_and_compatible_model_runs(tmp_path, dataset, model):
+    metrics = app.train(config(tmp_path, f"dataset={dataset}", f"model={model}"))
+    assert {"train/loss", "val/loss"} <= set(metrics)
+
+
+def test_incompatible_model_is_a_config_error(tmp_path):
+    with pytest.raises(app.ConfigError, match="model 'cnn' needs image inputs"):
+        app.build(config(tmp_path, "dataset=spirals", "model=cnn"))
+
+
+def test_default_job_learns_digits(tmp_path):
+    result = run_app(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(re.search(r"test/acc\s+([0-9.]+)", result.stdout).group(1))
+    assert accuracy >= 0.90, result.stdout
+    assert list(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))  # Hydra's run dir
+
+
+def test_multirun_gives_one_run_per_optimizer(tmp_path):
+    result = run_app(tmp_path, "-m", "optimizer=imex_trapezoidal,adam", "trainer=debug", "logger=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent.parent.name for p in tmp_path.glob("multirun/*/*/*/.hydra/overrides.yaml"))
+    assert runs == ["0", "1"]
+    assert result.stdout.count("finished at step 1") == 2
+
+
+@pytest.mark.slow
+def test_ddp_cpu_runs_two_processes(tmp_path):
+    result = run_app(tmp_path, "strategy=ddp_cpu", "trainer.max_steps=4", "callbacks=none", "logger=none",
+                     "test=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "MEMBER: 1/2" in output and "MEMBER: 2/2" in output
+    assert "finished at step 4" in result.stdout
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss_step")]
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    common = ["trainer.max_epochs=null", "trainer.log_every_n_steps=1", "callbacks=checkpoint", "test=false"]
+    first = run_app(tmp_path, "trainer.max_steps=12", "hydra.run.dir=first", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    second = run_app(tmp_path, "trainer.max_steps=20", "hydra.run.dir=second", f"ckpt_path={checkpoint}", *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "finished at step 20" in second.stdout
+    assert min(steps_logged(tmp_path / "second")) >= 12 and max(steps_logged(tmp_path / "second")) == 19
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer=nope"], r"Could not find 'optimizer/nope'\s+Available options in 'optimizer':"),
+    (["dataset=nope"], r"Could not find 'dataset/nope'\s+Available options in 'dataset':"),
+    (["optimizer.lr=-1"], r"error: lr must be a finite number >= 0, got -1"),
+    (["optimizer.betas=[1.5,0.9]"], r"error: betas\[0\] must be in \[0, 1\), got 1.5"),
+    (["trainer.max_epochs=abc"], r"Value 'abc' of type 'str' could not be converted to Integer"),
+    (["clipping.algorithm=norm"], r"error: clipping.threshold must be a finite number > 0"),
+    (["dataset=mnist"], r"error: .*train-images-idx3-ubyte"),
+])
+def test_bad_overrides_fail_fast_in_one_line(tmp_path, overrides, message):
+    result = run_app(tmp_path, *overrides, "trainer=debug", timeout=120)
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))  # nothing trained
