@@ -141,10 +141,10 @@ class ModelEMA(L.Callback):
         weight = (1 - decay) / (1 - self.decay_product) if self.schedule == "zero_start" else 1 - decay
         averaged, copied = self._tensors(pl_module)
         n = len(averaged)
-        sources = [t.detach() if self.device is None else t.detach().to(self.device) for t in averaged]
+        sources = averaged if self.device is None else [t.detach().to(self.device) for t in averaged]
         torch._foreach_lerp_(self.ema[:n], sources, weight)
         if copied:
-            torch._foreach_copy_(self.ema[n:], [t.detach() for t in copied])
+            torch._foreach_copy_(self.ema[n:], copied)
         self.updates += 1
 
     # ------------------------------------------------------------------ swap
