@@ -173,6 +173,24 @@ def test_evaluate_both_logs_raw_and_ema_metrics(tmp_path):
     assert raw[-1] != averaged[-1]
 
 
+def test_evaluate_both_with_logged_metric_objects(tmp_path):
+    from lightning_imex.data import DigitsDataModule
+    from lightning_imex.task import SupervisedTask
+    data = DigitsDataModule(batch_size=128)
+    module = SupervisedTask({"name": "logreg"}, data.input_shape, data.num_outputs, optimizer=ADAM)
+    ema = ModelEMA(decay=0.9, evaluate="both", end_with="raw")
+    fit_ = trainer(tmp_path, max_epochs=2, callbacks=[ema], num_sanity_val_steps=0)
+    fit_.fit(module, data)
+    rows = logged_rows(fit_)
+    raw, averaged = column(rows, "val/acc"), column(rows, "val/acc_ema")
+    x, y = data.splits["val"].tensors
+    with torch.no_grad():
+        ema.swap(module)
+        accuracy = (module(x).argmax(1) == y).float().mean().item()
+        ema.swap(module)
+    assert len(raw) == len(averaged) == 2 and averaged[-1] == pytest.approx(accuracy, abs=1e-6)
+
+
 def fit_resume(tmp_path, steps, ckpt_path=None):
     ema = ModelEMA(decay=0.9, schedule="warmup", end_with="raw")
     module = Classifier(optimizer={"name": "imex_adam", "lr": 0.05, "tableau": "trapezoidal"}, batch_norm=True)

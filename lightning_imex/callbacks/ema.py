@@ -300,6 +300,7 @@ class _BothPasses:
         self.log = pl_module.log
         from torchmetrics import Metric
         self.twins = {name: m.clone() for name, m in pl_module.named_modules() if isinstance(m, Metric)}
+        self.twin_names = {id(twin): name for name, twin in self.twins.items()}
 
     def install(self) -> None:
         self.module.__dict__["validation_step"] = self.validation_step
@@ -325,6 +326,8 @@ class _BothPasses:
         return output
 
     def suffixed_log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if id(value) in self.twin_names:  # Lightning finds logged metrics by attribute: name the twin's
+            kwargs.setdefault("metric_attribute", self.twin_names[id(value)])
         self.log(name + self.SUFFIX, value, *args, **kwargs)
 
     def _set_module(self, name: str, module: nn.Module) -> nn.Module:
