@@ -54,6 +54,15 @@ def test_every_dataset_and_compatible_model_runs(tmp_path, dataset, model):
     assert {"train/loss", "val/loss"} <= set(metrics)
 
 
+@pytest.mark.parametrize("dataset,model", [("mnist", "cnn"), ("mnist", "logreg"), ("cifar10", "resnet")])
+def test_file_datasets_run_from_local_files(tmp_path, dataset, model):
+    from test_data import write_cifar, write_mnist
+    write_mnist(tmp_path / "data" / "mnist") if dataset == "mnist" else write_cifar(
+        tmp_path / "data" / "cifar10" / "cifar-10-batches-py")
+    metrics = app.train(config(tmp_path, f"dataset={dataset}", f"model={model}", "callbacks=none"))
+    assert {"train/loss", "val/loss"} <= set(metrics)
+
+
 def test_incompatible_model_is_a_config_error(tmp_path):
     with pytest.raises(app.ConfigError, match="model 'cnn' needs image inputs"):
         app.build(config(tmp_path, "dataset=spirals", "model=cnn"))
