@@ -5,63 +5,100 @@ and DataLoaders whose shuffling is seeded too."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ArrayDataModule", "Arrays"]
+__all__ = ["ArrayDataModule", "Arrays", "StandardizedDataset"]
 
 # (x_train, y_train, x_test, y_test); x_test None: the test set is carved from the pool
 Arrays = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
-TASKS = ("classification", "regression")
+DEFAULT_TEST_FRACTION = 0.2
+STATISTICS_CHUNK = 4096  # samples per pass: a float64 copy of all CIFAR-10 pixels would take 1.1 GB
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"dataset.{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_fraction(name: str, value: Any) -> None:
+def check_real(name: str, value: Any, minimum: float, strict: bool = False) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > minimum if strict else value >= minimum))
+    if not ok:
+        raise ValueError(f"dataset.{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+def check_path(name: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"dataset.{name} must be a folder path, got {value!r}")
+    return str(value)
+
+
+def check_fraction(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"dataset.{name} must be a number in [0, 1), got {value!r}")
 
 
+class StandardizedDataset(Dataset):
+    """``(inputs[i] - mean) / std`` as float32, with its target. Inputs stay as stored
+    (uint8 for image files: a quarter of float32's memory) and are standardised when read;
+    ``dataset[:]`` gives the whole split."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.inputs, self.targets, self.mean, self.std = inputs, targets, mean, std
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.inputs[index].to(torch.float32) - self.mean) / self.std, self.targets[index]
+
+
 class ArrayDataModule(L.LightningDataModule):
     """A dataset held in memory. Subclasses set ``input_shape``, ``num_outputs`` and
-    ``task`` (known before any data is read) and implement :meth:`arrays`.
+    ``task`` (known right after construction, before any data is read), set
+    ``has_test_set`` when the data comes with its own test split, and implement
+    :meth:`arrays`.
 
     Args:
         batch_size: training and evaluation batch size.
         num_workers: DataLoader worker processes.
         seed: fixes generated data, the splits and the training shuffle order.
         val_fraction: share of the training pool held out for validation.
-        test_fraction: share of the pool held out for testing, where the data has no
-            test set of its own.
+        test_fraction: share of the pool held out for testing (default 0.2); only for
+            data without a test set of its own.
     """
 
     input_shape: tuple[int, ...]
     num_outputs: int
-    task: str
+    task: str  # "classification" (int64 class indices) or "regression" (float32 (N, num_outputs))
+    has_test_set = False
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.1,
-                 test_fraction: float = 0.2) -> None:
+                 test_fraction: float | None = None) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, 0)
-        _check_fraction("val_fraction", val_fraction)
-        _check_fraction("test_fraction", test_fraction)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed, 0)
+        check_fraction("val_fraction", val_fraction)
+        if test_fraction is not None and self.has_test_set:
+            raise ValueError(f"dataset.test_fraction: {type(self).__name__} has its own test set; leave it unset")
+        test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+        check_fraction("test_fraction", test_fraction)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.splits: dict[str, TensorDataset] = {}
+        self.splits: dict[str, StandardizedDataset] = {}
 
     def arrays(self) -> Arrays:
-        """Inputs shaped ``(N, *input_shape)``; class indices, or targets shaped
-        ``(N, num_outputs)``."""
+        """Inputs shaped ``(N, *input_shape)`` (any real dtype); class indices shaped
+        ``(N,)``, or targets shaped ``(N, num_outputs)``. Test arrays are None unless
+        ``has_test_set``."""
         raise NotImplementedError
 
     def check_files(self) -> None:
@@ -72,21 +109,25 @@ class ArrayDataModule(L.LightningDataModule):
             return
         x, y, x_test, y_test = self.arrays()
         rng = np.random.default_rng(self.seed)
-        if x_test is None:
+        if not self.has_test_set:
             x, y, x_test, y_test = _split(rng, x, y, self.test_fraction)
         x_train, y_train, x_val, y_val = _split(rng, x, y, self.val_fraction)
-        x_mean, x_std = _statistics(x_train, per_channel=len(self.input_shape) == 3)
-        standard = [(x_train, y_train), (x_val, y_val), (x_test, y_test)]
-        if self.task == "regression":
-            y_mean, y_std = _statistics(y_train, per_channel=False)
-            standard = [(xs, (ys - y_mean) / y_std) for xs, ys in standard]
-        for name, (xs, ys) in zip(("train", "val", "test"), standard):
-            inputs = torch.as_tensor(((xs - x_mean) / x_std).astype(np.float32))
-            targets = torch.as_tensor(ys.astype(np.int64 if self.task == "classification" else np.float32))
-            self.splits[name] = TensorDataset(inputs, targets)
+        # images: one mean and scale per channel; vectors: per feature
+        mean, std = _statistics(x_train, axes=(0, 2, 3) if len(self.input_shape) == 3 else (0,))
+        parts = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+        if self.task == "regression":  # targets are small: standardise them once, in float64
+            y_mean, y_std = _statistics(y_train, axes=(0,))
+            parts = {name: (xs, (ys - y_mean) / y_std) for name, (xs, ys) in parts.items()}
+        target_dtype = np.int64 if self.task == "classification" else np.float32
+        mean, std = (torch.from_numpy(stat.astype(np.float32)) for stat in (mean, std))
+        for name, (xs, ys) in parts.items():
+            stored = xs if xs.dtype == np.uint8 else xs.astype(np.float32)
+            self.splits[name] = StandardizedDataset(torch.from_numpy(np.ascontiguousarray(stored)),
+                                                    torch.from_numpy(ys.astype(target_dtype)), mean, std)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         self.setup()
+        # a fresh generator per call: every fit sees the same sequence of epoch orders
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
@@ -105,16 +146,20 @@ class ArrayDataModule(L.LightningDataModule):
 
 
 def _split(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, fraction: float) -> Arrays:
+    """The pool minus a random ``fraction`` of it, and that fraction (copies, in a
+    seeded random order)."""
     order = rng.permutation(len(x))
-    held = math.ceil(fraction * len(x)) if fraction else 0
+    held = math.ceil(fraction * len(x))
     keep, out = order[held:], order[:held]
     return x[keep], y[keep], x[out], y[out]
 
 
-def _statistics(a: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation over samples (and pixels, per channel, for images);
-    constant features keep scale 1."""
-    axes = (0, 2, 3) if per_channel else 0
-    mean = a.mean(axis=axes, keepdims=True, dtype=np.float64)
-    std = a.std(axis=axes, keepdims=True, dtype=np.float64)
+def _statistics(a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over ``axes`` (samples first), shaped to
+    broadcast against one sample, in two float64 passes over chunks of samples; constant
+    features keep scale 1."""
+    mean = a.mean(axis=axes, dtype=np.float64, keepdims=True)
+    chunks = range(0, len(a), STATISTICS_CHUNK)
+    squares = sum(((a[i:i + STATISTICS_CHUNK] - mean) ** 2).sum(axis=axes, keepdims=True) for i in chunks)
+    std = np.sqrt(squares / (a.size / mean.size))
     return mean[0], np.where(std > 0, std, 1.0)[0]

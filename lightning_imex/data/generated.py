@@ -4,11 +4,16 @@ here (spirals, a sum of Gaussian bumps, the Lorenz-63 flow map)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .base import ArrayDataModule, Arrays, _check_int
+from .base import ArrayDataModule, Arrays, check_int, check_path, check_real
 
 __all__ = ["DiabetesDataModule", "DigitsDataModule", "GaussiansDataModule", "Lorenz63DataModule",
            "MNIST1DDataModule", "SpiralsDataModule", "lorenz63_rk4"]
@@ -38,24 +43,52 @@ class DiabetesDataModule(ArrayDataModule):
 
 class MNIST1DDataModule(ArrayDataModule):
     """MNIST-1D (Greydanus 2020): 4000 training and 1000 test signals of length 40, 10
-    classes, generated offline by ``mnist1d.data.make_dataset`` with its standard
-    arguments and cached as ``root/mnist1d.npz``."""
+    classes, generated offline by ``mnist1d.data.make_dataset`` with the package's
+    standard arguments (its own fixed seed: ``seed`` picks the validation split only) and
+    cached under ``root`` as ``mnist1d-<hash of the arguments>.npz``; an unwritable
+    ``root`` only costs regenerating (about a second)."""
 
     input_shape, num_outputs, task = (40,), 10, "classification"
+    has_test_set = True
 
     def __init__(self, root: str = "data/mnist1d", **kwargs) -> None:
         super().__init__(**kwargs)
-        self.root = root
+        self.root = check_path("root", root)
+
+    def prepare_data(self) -> None:
+        self.arrays()  # writes the cache once, before the processes of a multi-GPU run read it
 
     def arrays(self) -> Arrays:
-        cache = Path(self.root) / "mnist1d.npz"
-        if not cache.exists():
-            from mnist1d.data import get_dataset_args, make_dataset
-            data = make_dataset(get_dataset_args())
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **{k: data[k] for k in ("x", "y", "x_test", "y_test")})
-        data = np.load(cache)
-        return data["x"], data["y"], data["x_test"], data["y_test"]
+        from mnist1d.data import get_dataset_args, make_dataset
+        args = get_dataset_args()
+        settings = {k: v for k, v in vars(args).items() if k != "url"}  # the url is for downloads, never used
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        cache = Path(self.root) / f"mnist1d-{key}.npz"
+        if cache.is_file():
+            with np.load(cache) as data:
+                return data["x"], data["y"], data["x_test"], data["y_test"]
+        # make_dataset reseeds the global random and numpy generators: give them back
+        states = random.getstate(), np.random.get_state()
+        try:
+            data = make_dataset(args)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+        arrays = data["x"], data["y"], data["x_test"], data["y_test"]
+        _save_atomically(cache, dict(zip(("x", "y", "x_test", "y_test"), arrays)))
+        return arrays
+
+
+def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to ``path`` through a temporary file, so that concurrent processes
+    never read half a file; skipped where ``path``'s folder cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+            np.savez(f, **arrays)
+        os.replace(f.name, path)
+    except OSError:
+        pass
 
 
 class SpiralsDataModule(ArrayDataModule):
@@ -67,8 +100,10 @@ class SpiralsDataModule(ArrayDataModule):
     def __init__(self, n_samples: int = 2000, n_classes: int = 2, turns: float = 1.5, noise: float = 0.05,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        _check_int("n_samples", n_samples, 10)
-        _check_int("n_classes", n_classes, 2)
+        check_int("n_samples", n_samples, 10)
+        check_int("n_classes", n_classes, 2)
+        check_real("turns", turns, 0, strict=True)
+        check_real("noise", noise, 0)
         self.n_samples, self.num_outputs, self.turns, self.noise = n_samples, n_classes, turns, noise
 
     def arrays(self) -> Arrays:
@@ -82,23 +117,26 @@ class SpiralsDataModule(ArrayDataModule):
 
 class GaussiansDataModule(ArrayDataModule):
     """Regression onto a sum of ``n_bumps`` Gaussian bumps with random centres, widths
-    and signed amplitudes over ``[-1, 1]^input_dim``, plus Gaussian ``noise``."""
+    and signed amplitudes over ``[-1, 1]^input_dim``, plus Gaussian ``noise``. Widths
+    grow with ``sqrt(input_dim / 2)``: in more dimensions points lie farther apart, and
+    fixed widths would leave the target zero almost everywhere."""
 
     num_outputs, task = 1, "regression"
 
     def __init__(self, n_samples: int = 2000, input_dim: int = 2, n_bumps: int = 6, noise: float = 0.01,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        _check_int("n_samples", n_samples, 10)
-        _check_int("input_dim", input_dim, 1)
-        _check_int("n_bumps", n_bumps, 1)
+        check_int("n_samples", n_samples, 10)
+        check_int("input_dim", input_dim, 1)
+        check_int("n_bumps", n_bumps, 1)
+        check_real("noise", noise, 0)
         self.n_samples, self.input_shape, self.n_bumps, self.noise = n_samples, (input_dim,), n_bumps, noise
 
     def arrays(self) -> Arrays:
         rng = np.random.default_rng(self.seed)
         dim = self.input_shape[0]
         centres = rng.uniform(-1, 1, (self.n_bumps, dim))
-        widths = rng.uniform(0.15, 0.5, self.n_bumps)
+        widths = rng.uniform(0.15, 0.5, self.n_bumps) * np.sqrt(dim / 2)
         amplitudes = rng.uniform(0.5, 1.5, self.n_bumps) * rng.choice([-1.0, 1.0], self.n_bumps)
         x = rng.uniform(-1, 1, (self.n_samples, dim))
         y = gaussian_bumps(x, centres, widths, amplitudes)
@@ -121,24 +159,29 @@ class Lorenz63DataModule(ArrayDataModule):
     def __init__(self, n_trajectories: int = 20, steps: int = 200, dt: float = 0.01, substeps: int = 10,
                  burn_in: int = 500, sigma: float = 10.0, rho: float = 28.0, beta: float = 8 / 3, **kwargs) -> None:
         super().__init__(**kwargs)
-        _check_int("n_trajectories", n_trajectories, 1)
-        _check_int("steps", steps, 1)
-        _check_int("substeps", substeps, 1)
-        _check_int("burn_in", burn_in, 0)
-        if not dt > 0:
-            raise ValueError(f"dataset.dt must be > 0, got {dt!r}")
+        check_int("n_trajectories", n_trajectories, 1)
+        check_int("steps", steps, 1)
+        check_int("substeps", substeps, 1)
+        check_int("burn_in", burn_in, 0)
+        for name, value in {"dt": dt, "sigma": sigma, "rho": rho, "beta": beta}.items():
+            check_real(name, value, 0, strict=True)
         self.n_trajectories, self.steps, self.dt, self.substeps, self.burn_in = (
             n_trajectories, steps, dt, substeps, burn_in)
-        self.parameters = (sigma, rho, beta)
+        self.sigma, self.rho, self.beta = sigma, rho, beta
+
+    def step(self, x: np.ndarray) -> np.ndarray:
+        """The flow map: ``x`` advanced by ``dt``."""
+        return lorenz63_rk4(x, self.dt, self.substeps, self.sigma, self.rho, self.beta)
 
     def arrays(self) -> Arrays:
         rng = np.random.default_rng(self.seed)
-        state = rng.normal(0.0, 1.0, (self.n_trajectories, 3)) * 8 + np.array([0.0, 0.0, 25.0])
+        # random starts around the attractor's centre; the burn-in takes them onto it
+        state = rng.normal(0.0, 8.0, (self.n_trajectories, 3)) + np.array([0.0, 0.0, 25.0])
         for _ in range(self.burn_in):
-            state = lorenz63_rk4(state, self.dt, self.substeps, *self.parameters)
+            state = self.step(state)
         path = [state]
         for _ in range(self.steps):
-            path.append(lorenz63_rk4(path[-1], self.dt, self.substeps, *self.parameters))
+            path.append(self.step(path[-1]))
         path = np.stack(path, 1)  # (trajectory, time, 3)
         return path[:, :-1].reshape(-1, 3), path[:, 1:].reshape(-1, 3), None, None
 
