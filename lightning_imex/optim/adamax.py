@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Hashable, Iterable
+from typing import Any, Iterable
 
 from torch import Tensor
 
-from .base import OnePassOptimizer, Program, gradient_flags, number
-from .kernel import Event
+from .base import B1, B2, EPS, LR, K, OnePassOptimizer, decayed, gradient, gradient_flags
+from .program import Event, maximum, tensor
 
 __all__ = ["AdaMax"]
 
 
 @lru_cache(maxsize=None)
-def _adamax_event(maximize: bool, l2: bool, decoupled: bool) -> tuple[Event, tuple[Hashable, ...]]:
-    prog = Program()
-    c = prog.c
-    prog.gradient(maximize, l2)
-    prog.add("lin", "m_new", ((c("b1"), "m"), (c("1-b1"), "g")))         # m = b1 m + (1-b1) g
-    prog.add("abs", "abs_g", "g")
-    prog.add("lin", "abs_g", ((None, "abs_g"), (c("eps"), None)))
-    prog.add("lin", "u_decayed", ((c("b2"), "v"),))
-    prog.add("max", "u_new", "u_decayed", "abs_g")                        # u = max(b2 u, |g| + eps)
-    prog.add("div", "step", "m_new", "u_new")
-    base = (c("decay"), "p") if decoupled else (None, "p")
-    prog.add("lin", "p_new", (base, (c("-lr/(1-b1^k)"), "step")))        # theta -= lr/(1-b1^k) m/u
-    return prog.event([("m", "m_new"), ("v", "u_new"), ("p", "p_new")]), tuple(prog.keys)
+def adamax_event(maximize: bool, l2: bool, decoupled: bool) -> Event:
+    p, g, m, u = tensor("p"), tensor("g"), tensor("m"), tensor("v")
+    g = gradient(g, p, maximize, l2)
+    m = B1 * m + (1 - B1) * g
+    u = maximum(B2 * u, abs(g) + EPS)
+    p = decayed(p, decoupled) - LR / (1 - B1 ** K) * m / u
+    return Event(gradient=1, writes={"m": m, "v": u, "p": p})
 
 
 class AdaMax(OnePassOptimizer):
@@ -38,7 +32,7 @@ class AdaMax(OnePassOptimizer):
     ``fused``: as :class:`IMEXAdam`.
     """
 
-    buffers = ("exp_avg", "exp_inf")
+    state_buffers = ("exp_avg", "exp_inf")
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 2e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -47,9 +41,5 @@ class AdaMax(OnePassOptimizer):
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         super().__init__(params, defaults, fused)
 
-    def _event(self, group: dict[str, Any]):
-        return _adamax_event(*gradient_flags(group))
-
-    def _coefficients(self, group: dict[str, Any], step: int) -> dict[Hashable, float]:
-        b1 = group["betas"][0]
-        return {**self._moment_coefficients(group), "-lr/(1-b1^k)": -number("lr", group["lr"]) / (1 - b1 ** (step + 1))}
+    def _events(self, group: dict[str, Any]) -> tuple[Event, ...]:
+        return (adamax_event(*gradient_flags(group)),)

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
-from typing import Any, Hashable, Iterable
+from typing import Any, Iterable
 
 from torch import Tensor
 
-from .base import OnePassOptimizer, Program, gradient_flags, number
-from .kernel import Event
+from .base import B1, B2, EPS, LR, K, OnePassOptimizer, decayed, gradient, gradient_flags
+from .program import Event, sqrt, tensor
 
 __all__ = ["AdaMomentum"]
 
 
 @lru_cache(maxsize=None)
-def _adamomentum_event(maximize: bool, l2: bool, decoupled: bool) -> tuple[Event, tuple[Hashable, ...]]:
-    prog = Program()
-    c = prog.c
-    prog.gradient(maximize, l2)
-    prog.add("lin", "m_new", ((c("b1"), "m"), (c("1-b1"), "g")))                    # m = b1 m + (1-b1) g
-    prog.add("mul", "m_sq", "m_new", "m_new")
-    prog.add("lin", "v_new", ((c("b2"), "v"), (c("1-b2"), "m_sq"), (c("eps"), None)))  # v = b2 v + (1-b2) m^2 + eps
-    prog.add("u", "step", "m_new", "v_new", c("1/(1-b1^k)"), c("1/sqrt(1-b2^k)"), c("zero"))  # no eps outside
-    base = (c("decay"), "p") if decoupled else (None, "p")
-    prog.add("lin", "p_new", (base, (c("-lr"), "step")))
-    return prog.event([("m", "m_new"), ("v", "v_new"), ("p", "p_new")]), tuple(prog.keys)
+def adamomentum_event(maximize: bool, l2: bool, decoupled: bool) -> Event:
+    p, g, m, v = tensor("p"), tensor("g"), tensor("m"), tensor("v")
+    g = gradient(g, p, maximize, l2)
+    m = B1 * m + (1 - B1) * g
+    v = B2 * v + (1 - B2) * m * m + EPS  # the updated m; eps accumulates
+    p = decayed(p, decoupled) - LR * (m / (1 - B1 ** K)) / sqrt(v / (1 - B2 ** K))  # no eps outside
+    return Event(gradient=1, writes={"m": m, "v": v, "p": p})
 
 
 class AdaMomentum(OnePassOptimizer):
@@ -45,10 +40,5 @@ class AdaMomentum(OnePassOptimizer):
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         super().__init__(params, defaults, fused)
 
-    def _event(self, group: dict[str, Any]):
-        return _adamomentum_event(*gradient_flags(group))
-
-    def _coefficients(self, group: dict[str, Any], step: int) -> dict[Hashable, float]:
-        (b1, b2), k = group["betas"], step + 1
-        return {**self._moment_coefficients(group), "-lr": -number("lr", group["lr"]),
-                "1/(1-b1^k)": 1 / (1 - b1 ** k), "1/sqrt(1-b2^k)": 1 / math.sqrt(1 - b2 ** k), "zero": 0.0}
+    def _events(self, group: dict[str, Any]) -> tuple[Event, ...]:
+        return (adamomentum_event(*gradient_flags(group)),)

@@ -1,9 +1,11 @@
 """What the package's optimizers share: hyper-parameter checks, two state buffers per
-parameter, and steps made of element-wise programs that :class:`~.kernel.Batch` runs
-eagerly or fused."""
+parameter, the named per-step scalars their programs read, and steps made of
+element-wise programs (:mod:`.program`) that :class:`~.kernel.Batch` runs on the path
+:func:`~.kernel.select_backend` picks."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -14,9 +16,27 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernel import Batch, Event, Statement, select_fused
+from .kernel import Batch, PointerTables, select_backend
+from .program import Event, Expr, scalar
 
-__all__ = ["ElementwiseOptimizer", "OnePassOptimizer", "Program", "check_adam_hyperparameters"]
+__all__ = ["ElementwiseOptimizer", "OnePassOptimizer", "check_adam_hyperparameters", "LR", "B1", "B2", "EPS",
+           "WD", "K", "gradient", "decayed"]
+
+# The per-step scalars of the Adam family, by name (values from :meth:`OnePassOptimizer._scalars`).
+LR, B1, B2, EPS, WD = scalar("lr"), scalar("b1"), scalar("b2"), scalar("eps"), scalar("wd")
+K = scalar("k")  # the step number, from 1
+
+
+def gradient(g: Expr, p: Expr, maximize: bool, l2: bool) -> Expr:
+    """The gradient a program uses: negated when maximizing, then plus L2 weight decay
+    (torch's order)."""
+    g = -g if maximize else g
+    return g + WD * p if l2 else g
+
+
+def decayed(p: Expr, decoupled: bool) -> Expr:
+    """The parameter after decoupled weight decay (AdamW), before the update."""
+    return p * (1 - LR * WD) if decoupled else p
 
 
 def number(name: str, value: Any) -> float:
@@ -43,6 +63,8 @@ def check_adam_hyperparameters(group: dict[str, Any]) -> None:
     for name in ("decoupled_weight_decay", "maximize", "bias_correction"):
         if name in group and not isinstance(group[name], bool):
             raise TypeError(f"{name} must be a bool, got {group[name]!r}")
+    if group.get("fused") is not None and not isinstance(group["fused"], bool):
+        raise TypeError(f"fused must be a bool or None, got {group['fused']!r}")
 
 
 def gradient_flags(group: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -53,50 +75,42 @@ def gradient_flags(group: dict[str, Any]) -> tuple[bool, bool, bool]:
     return group["maximize"], decay and not decoupled, decay and decoupled
 
 
-class Program:
-    """Builds one :class:`Event`: statements plus the keys of the scalars they read."""
-
-    def __init__(self) -> None:
-        self.keys: dict[Hashable, int] = {}
-        self.statements: list[Statement] = []
-
-    def c(self, key: Hashable) -> int:
-        """The coefficient slot of ``key``."""
-        return self.keys.setdefault(key, len(self.keys))
-
-    def add(self, *statement) -> None:
-        self.statements.append(statement)
-
-    def gradient(self, maximize: bool, l2: bool) -> None:
-        """``g = -g`` when maximizing, then ``g += wd * p`` for L2 weight decay (torch's order)."""
-        terms = ((self.c(("sign",)), "g"),) if maximize else ((None, "g"),)
-        if l2:
-            terms += ((self.c(("wd",)), "p"),)
-        if maximize or l2:
-            self.add("lin", "g", terms)
-
-    def event(self, writes: Iterable[tuple[str, str]], gradient: int = 1, reduce: str | None = None) -> Event:
-        """The statements added so far as an event; the next event starts empty and
-        shares the coefficient slots."""
-        statements, self.statements = tuple(self.statements), []
-        return Event(gradient=gradient, statements=statements, writes=tuple(writes), reduce=reduce)
-
-
 class ElementwiseOptimizer(Optimizer):
-    """An optimizer with two state buffers per parameter (named by ``buffers``) whose step
-    runs element-wise programs, eager or fused (``fused``: see :func:`~.kernel.select_fused`)."""
+    """An optimizer with two state buffers per parameter (named by ``state_buffers``; its
+    programs call them ``m`` and ``v``) whose step runs element-wise programs on the path
+    ``fused`` asks for (see :func:`~.kernel.select_backend`). Complex parameters are
+    updated as their real views, as torch's Adam does."""
 
-    buffers: tuple[str, str] = ("exp_avg", "exp_avg_sq")
+    state_buffers: tuple[str, str] = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any],
                  fused: bool | None) -> None:
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool or None, got {fused!r}")
-        self.fused = fused
-        # Per-parameter working buffers of multi-stage programs, kept between steps (not
-        # state: their contents never outlive a step).
+        self._init_caches()
+        super().__init__(params, {**defaults, "fused": fused})
+
+    def _init_caches(self) -> None:
+        # Per-parameter working buffers of multi-stage programs (contents never outlive a
+        # step) and the compiled path's pointer tables: kept between steps, never state.
         self._scratch: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        super().__init__(params, defaults)
+        self._tables: dict[tuple, PointerTables] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickling, deepcopy and load_state_dict land here: fill flags that an older
+        # state lacks with their documented defaults, as torch's optimizers do.
+        super().__setstate__(state)
+        documented = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()
+                      if p.default is not inspect.Parameter.empty}
+        for group in self.param_groups:
+            for key in self.defaults:
+                if key not in group:
+                    group[key] = documented.get(key, self.defaults[key])
+        self._init_caches()
+
+    @property
+    def fused(self) -> bool | None:
+        return self.defaults["fused"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -107,17 +121,15 @@ class ElementwiseOptimizer(Optimizer):
 
     def _init_state(self, state: dict[str, Any], p: Tensor) -> None:
         state["step"] = 0
-        for name in self.buffers:
+        for name in self.state_buffers:
             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _state_key(self, state: dict[str, Any]) -> tuple:
-        """What, besides device and dtype, a parameter's coefficients depend on."""
+        """What, besides device and dtype, a parameter's scalars depend on."""
         return (state["step"],)
 
-    def _batches(
-        self, group: dict[str, Any], scratch: Sequence[str], coefficients: Callable[[tuple], list[float]],
-        without_grad: bool = False,
-    ) -> list[Batch]:
+    def _batches(self, group: dict[str, Any], scratch: Sequence[str], scalars: Callable[[tuple], dict[Hashable, float]],
+                 without_grad: bool = False) -> list[Batch]:
         """The group's parameters that take part in this step (those with a gradient, or
         all that require one), split by device, dtype and :meth:`_state_key`."""
         split: dict[tuple, list[Tensor]] = defaultdict(list)
@@ -133,15 +145,17 @@ class ElementwiseOptimizer(Optimizer):
         batches = []
         for key, params in split.items():
             states = [self.state[p] for p in params]
-            buffers = [[s[name] for s in states] for name in self.buffers]
-            work = {name: [self._scratch_buffer(p, name) for p in params] for name in scratch}
-            batches.append(Batch(params, *buffers, work, coefficients(key[2:]), select_fused(self.fused, params)))
+            buffers = {"p": params, "m": [s[self.state_buffers[0]] for s in states],
+                       "v": [s[self.state_buffers[1]] for s in states]}
+            buffers.update({name: [self._scratch_buffer(p, name) for p in params] for name in scratch})
+            batches.append(Batch(params, buffers, scalars(key[2:]), select_backend(group["fused"], params),
+                                 self._tables))
         return batches
 
     def _scratch_buffer(self, p: Tensor, name: str) -> Tensor:
         buffers = self._scratch.setdefault(p, {})
         if name not in buffers:
-            buffers[name] = torch.empty_like(p, memory_format=torch.preserve_format)
+            buffers[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return buffers[name]
 
     def _gradients(self, params: list[Tensor], required: bool = True) -> list[Tensor | None]:
@@ -163,23 +177,20 @@ class ElementwiseOptimizer(Optimizer):
 
 
 class OnePassOptimizer(ElementwiseOptimizer):
-    """An optimizer whose step is one program over (p, g, state), after the closure."""
+    """An optimizer whose step is one program over (p, g, state) after the closure (or a
+    few, for a norm over the group: :meth:`_apply`)."""
 
-    def _event(self, group: dict[str, Any]) -> tuple[Event, tuple[Hashable, ...]]:
+    def _events(self, group: dict[str, Any]) -> tuple[Event, ...]:
         raise NotImplementedError
 
-    def _coefficients(self, group: dict[str, Any], step: int) -> dict[Hashable, float]:
-        """Scalars for a step after ``step`` completed ones, by key."""
-        raise NotImplementedError
+    def _scalars(self, group: dict[str, Any], step: int) -> dict[Hashable, float]:
+        """The named scalars of a step after ``step`` completed ones: those of
+        :data:`LR`, :data:`B1`, ... and any a subclass adds."""
+        (b1, b2), lr = group["betas"], number("lr", group["lr"])
+        return {"lr": lr, "b1": b1, "b2": b2, "eps": group["eps"], "wd": group["weight_decay"], "k": step + 1.0}
 
-    @staticmethod
-    def _moment_coefficients(group: dict[str, Any]) -> dict[Hashable, float]:
-        """The scalars every Adam-like program reads: betas, eps, sign and weight decay."""
-        (b1, b2), wd = group["betas"], group["weight_decay"]
-        return {"b1": b1, "1-b1": 1 - b1, "b2": b2, "1-b2": 1 - b2, "eps": group["eps"], ("sign",): -1.0,
-                ("wd",): wd, "decay": 1 - number("lr", group["lr"]) * wd}
-
-    def _apply(self, group: dict[str, Any], event: Event, batches: list[Batch]) -> None:
+    def _apply(self, group: dict[str, Any], events: tuple[Event, ...], batches: list[Batch]) -> None:
+        (event,) = events
         for batch in batches:
             batch.run(event, self._gradients(batch.params))
 
@@ -190,15 +201,9 @@ class OnePassOptimizer(ElementwiseOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            event, keys = self._event(group)
-
-            def coefficients(key: tuple, group=group) -> list[float]:
-                values = self._coefficients(group, key[0])
-                return [values[k] for k in keys]
-
-            batches = self._batches(group, (), coefficients)
+            batches = self._batches(group, (), lambda key, group=group: self._scalars(group, key[0]))
             if batches:
-                self._apply(group, event, batches)
+                self._apply(group, self._events(group), batches)
                 self._count_step(batches)
         return loss
 

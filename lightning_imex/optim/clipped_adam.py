@@ -9,39 +9,38 @@ from typing import Any, Hashable, Iterable
 import torch
 from torch import Tensor
 
-from .base import OnePassOptimizer, Program, gradient_flags, number
-from .kernel import Batch, Event
+from .base import B1, B2, EPS, LR, K, OnePassOptimizer, decayed, gradient, gradient_flags, number
+from .kernel import Batch, all_reduce_sum
+from .program import Event, Expr, clamp, runtime, scalar, sqrt, tensor
 
 __all__ = ["ClippedAdam", "CLIP_MODES"]
 
 CLIP_MODES = ("coordinate", "global")
 
 
+RADIUS = scalar("radius")  # the trust radius D
+
+
 @lru_cache(maxsize=None)
-def _clipped_events(clip: str, maximize: bool, l2: bool, decoupled: bool) -> tuple[tuple[Event, ...], tuple[Hashable, ...]]:
-    prog = Program()
-    c = prog.c
-    prog.gradient(maximize, l2)
-    prog.add("lin", "m_new", ((c("b1"), "m"), (c("1-b1"), "g")))
-    prog.add("mul", "g_sq", "g", "g")
-    prog.add("lin", "v_new", ((c("b2"), "v"), (c("1-b2"), "g_sq")))
-    # u = lr m / (sqrt(v) + eps), each moment divided by its bias correction when enabled
-    update = ("u", "update", "m_new", "v_new", c("lr/(1-b1^k)"), c("1/sqrt(1-b2^k)"), c("eps"))
-    base = (c("decay"), "p") if decoupled else (None, "p")
+def clipped_events(clip: str, bias_correction: bool, maximize: bool, l2: bool, decoupled: bool) -> tuple[Event, ...]:
+    p, g, m, v = tensor("p"), tensor("g"), tensor("m"), tensor("v")
+
+    def update(m: Expr, v: Expr) -> Expr:
+        """u = lr m / (sqrt(v) + eps), each moment bias-corrected when asked."""
+        if bias_correction:
+            return LR * (m / (1 - B1 ** K)) / (sqrt(v / (1 - B2 ** K)) + EPS)
+        return LR * m / (sqrt(v) + EPS)
+
+    g = gradient(g, p, maximize, l2)
+    m_new = B1 * m + (1 - B1) * g
+    v_new = B2 * v + (1 - B2) * g * g
     if clip == "coordinate":
-        prog.add(*update)
-        prog.add("clamp", "update", "update", c("radius"))
-        prog.add("lin", "p_new", (base, (c("minus_one"), "update")))
-        return (prog.event([("m", "m_new"), ("v", "v_new"), ("p", "p_new")]),), tuple(prog.keys)
-    # global: the moments and ||u||^2 first; the update, scaled to the radius, in a second pass
-    prog.add(*update)
-    first = prog.event([("m", "m_new"), ("v", "v_new")], reduce="update")
-    prog.add("u", "update", "m", "v", *update[4:])
-    prog.add("lin", "p_new", (base, (c("-scale"), "update")))
-    second = prog.event([("p", "p_new")])
-    keys = tuple(prog.keys)
-    assert keys[-1] == "-scale"  # known only after the first pass: appended at run time
-    return (first, second), keys[:-1]
+        p_new = decayed(p, decoupled) - clamp(update(m_new, v_new), -RADIUS, RADIUS)
+        return (Event(gradient=1, writes={"m": m_new, "v": v_new, "p": p_new}),)
+    # global: the moments and ||u||^2 first; the update, scaled into the radius, in a second pass
+    moments = Event(gradient=1, writes={"m": m_new, "v": v_new}, reduce=update(m_new, v_new))
+    scaled = Event(gradient=1, writes={"p": decayed(p, decoupled) - runtime("scale") * update(m, v)})
+    return moments, scaled
 
 
 class ClippedAdam(OnePassOptimizer):
@@ -83,16 +82,11 @@ class ClippedAdam(OnePassOptimizer):
         if radius is not None and not (number("max_update", radius) >= 0 and math.isfinite(radius)):
             raise ValueError(f"max_update must be a finite number >= 0 or None (the lr), got {radius!r}")
 
-    def _event(self, group: dict[str, Any]):
-        return _clipped_events(group["clip"], *gradient_flags(group))
+    def _events(self, group: dict[str, Any]) -> tuple[Event, ...]:
+        return clipped_events(group["clip"], group["bias_correction"], *gradient_flags(group))
 
-    def _coefficients(self, group: dict[str, Any], step: int) -> dict[Hashable, float]:
-        lr, (b1, b2), k = number("lr", group["lr"]), group["betas"], step + 1
-        corrected = group["bias_correction"]
-        return {**self._moment_coefficients(group), "minus_one": -1.0,
-                "lr/(1-b1^k)": lr / (1 - b1 ** k) if corrected else lr,
-                "1/sqrt(1-b2^k)": 1 / math.sqrt(1 - b2 ** k) if corrected else 1.0,
-                "radius": self._radius(group)}
+    def _scalars(self, group: dict[str, Any], step: int) -> dict[Hashable, float]:
+        return {**super()._scalars(group, step), "radius": self._radius(group)}
 
     @staticmethod
     def _radius(group: dict[str, Any]) -> float:
@@ -100,11 +94,14 @@ class ClippedAdam(OnePassOptimizer):
 
     def _apply(self, group: dict[str, Any], events: tuple[Event, ...], batches: list[Batch]) -> None:
         if len(events) == 1:
-            return super()._apply(group, events[0], batches)
-        first, second = events
-        sums = [s for batch in batches for s in batch.run(first, self._gradients(batch.params))]
-        device = sums[0].device
-        norm = torch.stack([s.to(device) for s in sums]).sum().sqrt()
-        scale = torch.clamp(self._radius(group) / norm, max=1.0)  # norm 0: no clipping
+            return super()._apply(group, events, batches)
+        moments, scaled = events
+        sums = [s for batch in batches for s in batch.run(moments, self._gradients(batch.params))]
+        device = batches[0].buffers["p"][0].device
+        squared = torch.stack([s.to(device, torch.float64) for s in sums]).sum()
+        norm = all_reduce_sum(squared, [p for batch in batches for p in batch.params]).sqrt()
+        # min(1, D / ||u||) without 0/0: radius 0 (lr 0) or a zero update leave p unmoved
+        radius = self._radius(group)
+        scale = torch.where(norm > radius, radius / torch.clamp(norm, min=1e-30), torch.ones_like(norm))
         for batch in batches:
-            batch.run(second, [None] * len(batch.params), extra_coefficient=-scale)
+            batch.run(scaled, [None] * len(batch.params), {"scale": scale})

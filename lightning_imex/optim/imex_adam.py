@@ -1,15 +1,14 @@
-"""IMEXAdam: Adam as an implicit-explicit Runge-Kutta step (ALGORITHMS.md section 2)."""
+"""IMEXAdam: Adam as an implicit-explicit Runge-Kutta step (docs/optimizer-core.md)."""
 
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import torch
 from torch import Tensor
 
-from .base import ElementwiseOptimizer, check_adam_hyperparameters, gradient_flags, number, sparse_error
+from .base import ElementwiseOptimizer, check_adam_hyperparameters, gradient_flags, number
 from .plan import Plan, build_plan
 from .tableau import TABLEAUX, IMEXTableau, get_tableau
 
@@ -41,12 +40,11 @@ class IMEXAdam(ElementwiseOptimizer):
             scheme run on gradient 1 from zero moments); ``False`` is the paper's algorithm.
         reuse_gradient: one gradient per step (only where the tableau allows it).
         maximize: ascend instead of descend.
-        fused: run each gradient's element-wise work as one compiled (``torch.compile``)
-            pass per bucket of tensors, after a one-time compile of a few seconds per
-            gradient stage. ``None`` picks it on CUDA and for large CPU groups
-            (:func:`~lightning_imex.optim.kernel.select_fused`); ``False`` is the eager
-            reference path. ``euler`` with bias correction is Adam, and unless ``False``
-            runs as torch's fused Adam kernel.
+        fused: run each gradient's element-wise work as one generated kernel over
+            every tensor (Triton on CUDA, C on CPU; compiled once per machine and cached
+            on disk). ``None`` picks it on CUDA and for CPU groups of 64k+ elements
+            (:func:`~lightning_imex.optim.kernel.select_backend`); ``False`` is the eager
+            reference path. Both run the same program (:mod:`~lightning_imex.optim.plan`).
     """
 
     def __init__(
@@ -64,26 +62,40 @@ class IMEXAdam(ElementwiseOptimizer):
         *,
         fused: bool | None = None,
     ) -> None:
-        self.tableau = get_tableau(tableau)
+        tableau = get_tableau(tableau)
         if not isinstance(reuse_gradient, bool):
             raise TypeError(f"reuse_gradient must be a bool, got {reuse_gradient!r}")
-        if reuse_gradient and not self.tableau.allows_gradient_reuse:
+        if reuse_gradient and not tableau.allows_gradient_reuse:
             allowed = [name for name, t in TABLEAUX.items() if t.allows_gradient_reuse]
             raise ValueError(
                 f"reuse_gradient=True needs a tableau whose last gradient stage sits at theta_{{n+1}}; "
-                f"{self.tableau.name!r} does not (built-ins that do: {', '.join(allowed)})")
-        self.reuse_gradient = reuse_gradient
-        if not self.tableau.positivity_preserving:
+                f"{tableau.name!r} does not (built-ins that do: {', '.join(allowed)})")
+        if not tableau.positivity_preserving:
             warnings.warn(
-                f"tableau {self.tableau.name!r} is not positivity-preserving (it has negative explicit "
+                f"tableau {tableau.name!r} is not positivity-preserving (it has negative explicit "
                 "coefficients): v can turn negative and training can diverge at practical step sizes; "
                 "prefer 'trapezoidal' or 'ssp3_433'", PositivityWarning, stacklevel=2)
+        # The tableau object lives in defaults (pickled and deep-copied with the optimizer);
+        # param groups, and so state dicts, carry its name.
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, bias_correction=bias_correction,
-            maximize=maximize, tableau=self.tableau.name, reuse_gradient=reuse_gradient,
+            maximize=maximize, tableau=tableau, reuse_gradient=reuse_gradient,
         )
         super().__init__(params, defaults, fused)
+
+    @property
+    def tableau(self) -> IMEXTableau:
+        return self.defaults["tableau"]
+
+    @property
+    def reuse_gradient(self) -> bool:
+        return self.defaults["reuse_gradient"]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # optimizer-wide: never a documented default
+            group.update(tableau=self.tableau.name, reuse_gradient=self.reuse_gradient)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, value in (("tableau", self.tableau), ("reuse_gradient", self.reuse_gradient)):
@@ -106,10 +118,6 @@ class IMEXAdam(ElementwiseOptimizer):
     def _plan(self, group: dict[str, Any]) -> Plan:
         maximize, l2, decoupled = gradient_flags(group)
         return build_plan(self.tableau, self.reuse_gradient, l2=l2, decoupled=decoupled, maximize=maximize)
-
-    def _evaluate(self, closure: Callable[[], Any]) -> Any:
-        with torch.enable_grad():
-            return closure()
 
     @property
     def requires_closure(self) -> bool:
@@ -135,42 +143,23 @@ class IMEXAdam(ElementwiseOptimizer):
         if not groups:
             return self._evaluate(closure) if closure is not None else None
         plans = [self._plan(g) for g in groups]
-        why = self._closure_needed(plans)
-        if why is not None and closure is None:
-            raise RuntimeError(
-                f"{why}, so step() needs a closure, e.g.\n"
-                "    def closure():\n        optimizer.zero_grad()\n        loss = loss_fn(model(x), y)\n"
-                "        loss.backward()\n        return loss\n    optimizer.step(closure)\n"
-                "or use tableau='euler' (Adam) or reuse_gradient=True (one gradient per step).")
+        self._check_closure(closure, plans[0])
         pre_gradient = plans[0].has_pre_gradient_event
         loss = None
         if closure is not None and not pre_gradient:
-            loss = self._evaluate(closure)
-            if loss is None and why is not None:
-                raise RuntimeError(
-                    f"{why}, but the closure returned None: it must return the loss (and call backward) on "
-                    "every call. In Lightning manual optimization, `opt.step()` without a closure passes one "
-                    "that returns None: call `opt.step(closure=closure)` with a closure that computes the loss, "
-                    "calls `self.manual_backward(loss)` and returns it")
-        as_adam = [self._runs_as_torch_adam(group) for group in groups]
-        batches = [[] if adam else
-                   self._batches(group, plan.scratch, self._coefficients(group, plan), without_grad=pre_gradient)
-                   for group, plan, adam in zip(groups, plans, as_adam)]
-        for index in range(len(plans[0].events)):
-            gradient = plans[0].events[index].gradient
-            if gradient >= 2 or (gradient == 1 and pre_gradient):
+            loss = self._evaluate(closure, plans[0])
+        batches = [self._batches(group, plan.scratch, self._scalars(group, plan), without_grad=pre_gradient)
+                   for group, plan in zip(groups, plans)]
+        for index, event in enumerate(plans[0].events):
+            if event.gradient >= 2 or (event.gradient == 1 and pre_gradient):  # the parameters moved
                 for group in groups:
                     for p in group["params"]:
                         p.grad = None
-                value = self._evaluate(closure)
-                if gradient == 1:
-                    loss = value
+                value = self._evaluate(closure, plans[0])
+                loss = value if event.gradient == 1 else loss
             for plan, group_batches in zip(plans, batches):
                 for batch in group_batches:
-                    batch.run(plan.events[index], self._gradients(batch.params, gradient >= 1))
-        for group, adam in zip(groups, as_adam):
-            if adam:
-                self._torch_adam_step(group)
+                    batch.run(plan.events[index], self._gradients(batch.params, event.gradient >= 1))
         for group_batches in batches:
             self._count_step(group_batches)
             if self.reuse_gradient:
@@ -179,34 +168,25 @@ class IMEXAdam(ElementwiseOptimizer):
                         self.state[p]["pending"] = True
         return loss
 
-    def _runs_as_torch_adam(self, group: dict[str, Any]) -> bool:
-        """IMEX Euler with bias correction is Adam exactly (tested against torch.optim.Adam
-        on the eager path), so its fused path is torch's fused Adam kernel: one pass, no
-        compile, on every device that has it."""
-        return (self.fused is not False and self.tableau == TABLEAUX["euler"] and group["bias_correction"]
-                and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in group["params"]))
+    def _check_closure(self, closure: Callable[[], Any] | None, plan: Plan) -> None:
+        why = self._closure_needed([plan])
+        if why is not None and closure is None:
+            raise RuntimeError(
+                f"{why}, so step() needs a closure, e.g.\n"
+                "    def closure():\n        optimizer.zero_grad()\n        loss = loss_fn(model(x), y)\n"
+                "        loss.backward()\n        return loss\n    optimizer.step(closure)\n"
+                "or use tableau='euler' (Adam) or reuse_gradient=True (one gradient per step).")
 
-    def _torch_adam_step(self, group: dict[str, Any]) -> None:
-        split: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise sparse_error(type(self).__name__, p)
-            state = self.state[p]
-            if not state:
-                self._init_state(state, p)
-            split[(p.device, p.dtype, state["step"])].append(p)
-        kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        beta1, beta2 = group["betas"]
-        for (device, _, step), params in split.items():
-            states = [self.state[p] for p in params]
-            kernel(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                   [s["exp_avg_sq"] for s in states], [], [torch.full((), step + 1.0, device=device)] * len(params),
-                   lr=number("lr", group["lr"]), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                   eps=group["eps"], amsgrad=False, maximize=group["maximize"])
-            for state in states:
-                state["step"] += 1
+    def _evaluate(self, closure: Callable[[], Any], plan: Plan | None = None) -> Any:
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None and plan is not None and (why := self._closure_needed([plan])) is not None:
+            raise RuntimeError(
+                f"{why}, but the closure returned None: it must return the loss (and call backward) on "
+                "every call. In Lightning manual optimization, `opt.step()` without a closure passes one "
+                "that returns None: call `opt.step(closure=closure)` with a closure that computes the loss, "
+                "calls `self.manual_backward(loss)` and returns it")
+        return loss
 
     def _init_state(self, state: dict[str, Any], p: Tensor) -> None:
         super()._init_state(state, p)
@@ -216,11 +196,11 @@ class IMEXAdam(ElementwiseOptimizer):
     def _state_key(self, state: dict[str, Any]) -> tuple:
         return state["step"], state.get("pending", False)
 
-    def _coefficients(self, group: dict[str, Any], plan: Plan) -> Callable[[tuple], list[float]]:
-        def coefficients(key: tuple) -> list[float]:
+    def _scalars(self, group: dict[str, Any], plan: Plan) -> Callable[[tuple], dict[Hashable, float]]:
+        def scalars(key: tuple) -> dict[Hashable, float]:
             step, pending = key
-            return plan.coefficients(
+            return plan.scalars(
                 lr=number("lr", group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1],
                 eps=group["eps"], weight_decay=group["weight_decay"], step=step, pending=pending,
                 bias_correction=group["bias_correction"])
-        return coefficients
+        return scalars

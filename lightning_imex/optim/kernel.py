@@ -1,181 +1,219 @@
-"""Runs element-wise programs over tensors: eagerly (the reference path) or compiled into
-one fused pass per program (the fast path). Both execute the same function, so they
-cannot drift apart; the choice between them is made in :func:`select_fused` alone.
+"""Runs lowered programs (:mod:`.program`) over a batch of tensors, on one of three paths
+chosen in :func:`select_backend` alone:
 
-Every optimizer of the package is such a program (one :class:`Event` per gradient
-evaluation): IMEX Adam's events come from its tableau (``plan.py``), the others are
-written out in their modules.
+- ``eager``: torch operations tensor by tensor (the reference);
+- ``cpu``: one generated C function per (event, dtype), one call per event over every
+  tensor (:mod:`.cpu_backend`);
+- ``triton``: one generated Triton kernel per (event, dtype), one launch per event over
+  every tensor (:mod:`.triton_backend`).
+
+The compiled paths address the tensors through pointer tables: one row of data
+pointers per buffer and a table of (tensor, offset) blocks, built once and refreshed
+only when a pointer changes (e.g. gradients after ``zero_grad(set_to_none=True)``).
+They run over each tensor's storage, so any dense layout (contiguous, channels_last,
+transposed) works when the parameter, its gradient and its state share strides;
+tensors that do not get the eager path, in the same step.
 """
 
 from __future__ import annotations
 
-import types
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Hashable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "Event", "run_event", "compiled_event", "select_fused", "FUSED_BUCKETS"]
+from .program import Event, Kernel, lower, run_eager
 
-# Tensors per compiled call, largest first: a call pays ~50 us of guard and wrapper
-# overhead, and a longer list compiles for longer (about 6 s for 8 tensors, 15 s for 32
-# on 2 CPU cores). Only these lengths are ever compiled, so each event has at most
-# three variants per dtype, whatever the model.
-FUSED_BUCKETS = (32, 8, 1)
-
-# Statements, over named per-tensor values ("p", "g", "m", "v", scratch names, and any
-# name a statement defines) and the coefficient vector c:
-#   ("lin", dest, ((k, src), ...))    dest = sum c[k] * src; k None: coefficient 1;
-#                                      src None: the constant c[k]
-#   ("mul" | "div" | "max", dest, a, b) dest = a * b, a / b, maximum(a, b)
-#   ("abs", dest, src)                dest = |src|
-#   ("clamp", dest, src, k)           dest = src clamped to [-c[k], c[k]]
-#   ("u", dest, m, v, k_m, k_v, k_e)  dest = m c[k_m] / (sqrt(max(v, 0)) c[k_v] + c[k_e])
-Statement = tuple
+__all__ = ["Batch", "PointerTables", "select_backend", "local_tensor", "all_reduce_sum", "COMPILED_MIN_NUMEL"]
 
 
-@dataclass(frozen=True)
-class Event:
-    """The element-wise work after gradient number ``gradient`` (0: before any)."""
+class CompiledBackend(Protocol):
+    name: str
 
-    gradient: int
-    statements: tuple[Statement, ...]
-    # (buffer, value): "p", "m", "v" or a scratch name, written after all statements
-    writes: tuple[tuple[str, str], ...]
-    # a value whose per-tensor sum of squares the event returns (global norms)
-    reduce: str | None = None
+    def available(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether kernels for ``dtype`` can run on ``device`` here."""
 
-
-def run_event(
-    event: Event,
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor | None],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    scratch: dict[str, Sequence[Tensor]],
-    coefficients: Sequence[float | Tensor] | Tensor,
-) -> list[Tensor]:
-    """Executes ``event`` on each tensor: statements over named values, then the writes.
-    Returns the per-tensor sums of squares of ``event.reduce`` (empty without one)."""
-    c = coefficients
-    sums = []
-    for i, p in enumerate(params):
-        buffers = {"p": p, "m": exp_avgs[i], "v": exp_avg_sqs[i], **{k: v[i] for k, v in scratch.items()}}
-        env: dict[str, Tensor] = {**buffers, "g": grads[i]}
-        for statement in event.statements:
-            kind, dest = statement[0], statement[1]
-            if kind == "lin":
-                value = None
-                for k, src in statement[2]:
-                    term = c[k] if src is None else env[src] if k is None else env[src] * c[k]
-                    value = term if value is None else value + term
-                env[dest] = value
-            elif kind == "mul":
-                env[dest] = env[statement[2]] * env[statement[3]]
-            elif kind == "div":
-                env[dest] = env[statement[2]] / env[statement[3]]
-            elif kind == "max":
-                env[dest] = torch.maximum(env[statement[2]], env[statement[3]])
-            elif kind == "abs":
-                env[dest] = env[statement[2]].abs()
-            elif kind == "clamp":
-                bound = c[statement[3]]
-                env[dest] = env[statement[2]].clamp(-bound, bound)
-            else:  # "u": the update direction m / (sqrt(v) + eps), bias-corrected by scales
-                _, _, m, v, scale_m, scale_v, eps = statement
-                env[dest] = env[m] * c[scale_m] / (env[v].clamp(min=0).sqrt() * c[scale_v] + c[eps])
-        if event.reduce is not None:
-            sums.append(env[event.reduce].float().square().sum())
-        for buffer, value in event.writes:
-            buffers[buffer].copy_(env[value])
-    return sums
+    def launch(self, kernel: Kernel, dtype: torch.dtype, tables: PointerTables,
+               buffers: Mapping[str, Sequence[Tensor]], coefficients: Sequence[float],
+               runtimes: Mapping[str, Tensor]) -> Tensor | None:
+        """Runs ``kernel`` over every tensor of ``tables`` (``buffers``: name -> one tensor
+        per table entry); returns per-block partial sums of squares of ``kernel.reduce``
+        (None without one)."""
 
 
-# Inductor options per device type. CPU: sizes are symbolic, so the code must not pick
-# its threads from the sizes seen at compile time (a small first model would leave a
-# serial kernel for good). CUDA: one launch for a bucket's kernels instead of one each.
-_COMPILE_OPTIONS = {"cpu": {"cpp.dynamic_threads": True}, "cuda": {"combo_kernels": True}}
+def _backends() -> dict[str, CompiledBackend]:
+    from . import cpu_backend, triton_backend  # imported on first use: Triton is optional
+
+    return {"cpu": cpu_backend.BACKEND, "cuda": triton_backend.BACKEND}
 
 
-@lru_cache(maxsize=None)
-def compiled_event(event: Event, device_type: str) -> Callable[..., None]:
-    """``run_event`` for one event, compiled. Each event gets a code object of its own so
-    that dynamo's per-code recompile limit counts only that event's few variants."""
+_BACKENDS: dict[str, CompiledBackend] | None = None
 
-    def imex_event(params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients):
-        return run_event(event, params, grads, exp_avgs, exp_avg_sqs, scratch, coefficients)
 
-    code = imex_event.__code__.replace(co_name=f"imex_event_{abs(hash(event)):x}_{device_type}")
-    fn = types.FunctionType(code, imex_event.__globals__, code.co_name, None, imex_event.__closure__)
-    return torch.compile(fn, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS.get(device_type, {}))
+def compiled_backend(device: torch.device) -> CompiledBackend | None:
+    global _BACKENDS
+    if _BACKENDS is None:
+        _BACKENDS = _backends()
+    return _BACKENDS.get(device.type)
+
+
+# With fused=None, CPU batches from this many elements on take the compiled path: below
+# it the eager path is as fast and needs no compiler (measured: benchmarks/bench_optim.py).
+COMPILED_MIN_NUMEL = 1 << 16
+
+
+def select_backend(fused: bool | None, params: Sequence[Tensor]) -> CompiledBackend | None:
+    """The one place that picks the path for a batch (one device and dtype): a compiled
+    backend, or None for the eager path. ``fused=None``: compiled on CUDA, and on CPU for
+    batches of at least :data:`COMPILED_MIN_NUMEL` elements, wherever the backend is
+    available. ``fused=True`` on a device or dtype without one is an error."""
+    if fused is False or not params:
+        return None
+    device, dtype = params[0].device, local_tensor(params[0]).dtype
+    backend = compiled_backend(device)
+    usable = backend is not None and backend.available(device, dtype)
+    if fused is True:
+        if not usable:
+            raise RuntimeError(f"fused=True: no compiled backend for {dtype} parameters on {device.type} here "
+                               "(CPU needs a C compiler, CUDA needs triton); use fused=None or fused=False")
+        return backend
+    if not usable:
+        return None
+    return backend if device.type != "cpu" or sum(p.numel() for p in params) >= COMPILED_MIN_NUMEL else None
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The tensor a kernel updates: the local shard of a DTensor (FSDP2), as real numbers
+    for a complex tensor, detached: a plain view of the same storage."""
+    to_local = getattr(t, "to_local", None)
+    t = (to_local() if to_local is not None else t).detach()
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def all_reduce_sum(value: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``value``, a sum over the local shards of ``params``, summed over the ranks that
+    shard them (FSDP2's DTensors: over each mesh dimension they are sharded on); ``value``
+    itself for ordinary tensors."""
+    layouts = {(p.device_mesh, tuple(p.placements)) for p in params if hasattr(p, "device_mesh")}
+    if not layouts:
+        return value
+    if len(layouts) > 1:
+        raise NotImplementedError("a norm over a parameter group needs one DTensor layout (mesh and placements) "
+                                  f"for all its parameters; this group has {len(layouts)}: put them in separate groups")
+    (mesh, placements), = layouts
+    total = value.clone()
+    for dim, placement in enumerate(placements):
+        if placement.is_shard():
+            torch.distributed.all_reduce(total, group=mesh.get_group(dim))
+    return total
+
+
+def dense_layout(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive storage slots from its data
+    pointer, in some dimension order (contiguous, channels_last, transposed, ...)."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    expected = 1
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class PointerTables:
+    """One row of data pointers per buffer for a fixed list of tensors, their sizes, and
+    block tables, on the tensors' device. Rows are rebuilt only when a pointer changed."""
+
+    def __init__(self, device: torch.device, numels: Sequence[int]) -> None:
+        self.device, self.count = device, len(numels)
+        self.numels = torch.tensor(list(numels), dtype=torch.int64, device=device)
+        self._numels = list(numels)
+        self._rows: dict[str, tuple[list[int], Tensor]] = {}
+        self._blocks: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def row(self, name: str, tensors: Sequence[Tensor]) -> Tensor:
+        pointers = [t.data_ptr() for t in tensors]
+        cached = self._rows.get(name)
+        if cached is None or cached[0] != pointers:
+            cached = pointers, _to_device(torch.tensor(pointers, dtype=torch.int64), self.device)
+            self._rows[name] = cached
+        return cached[1]
+
+    def blocks(self, size: int) -> tuple[Tensor, Tensor]:
+        """(tensor index, first element) of every block of ``size`` elements."""
+        if size not in self._blocks:
+            index, start = [], []
+            for t, n in enumerate(self._numels):
+                offsets = range(0, n, size)
+                index += [t] * len(offsets)
+                start += offsets
+            self._blocks[size] = (_to_device(torch.tensor(index, dtype=torch.int32), self.device),
+                                  _to_device(torch.tensor(start, dtype=torch.int64), self.device))
+        return self._blocks[size]
+
+    @property
+    def total(self) -> int:
+        return sum(self._numels)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)  # no sync with the device's queue
 
 
 class Batch:
-    """Parameters that share one step's coefficients, device and dtype, with their state
-    and this step's scratch buffers, prepared once per step for every event."""
+    """Parameters that share one step's scalars, device and dtype, with their state and
+    scratch buffers (``buffers``: name -> one tensor per parameter, ``"p"`` included),
+    prepared once per step for every event. ``table_cache``: where the compiled path
+    keeps its pointer tables between steps (the optimizer owns it)."""
 
-    def __init__(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 scratch: dict[str, list[Tensor]], coefficients: list[float], fused: bool) -> None:
-        self.params, self.fused, self.scratch = params, fused, scratch
-        self.coefficients: list[float] | Tensor = coefficients
-        self.flat = [False] * len(params)
-        if fused:
-            # One symbolic size per tensor whatever its shape or size-1 dimensions, through
-            # flat views (state and scratch are laid out like their parameter).
-            self.flat = [p.is_contiguous() for p in params]
-            params, exp_avgs, exp_avg_sqs = ([_flat_view(t, f) for t, f in zip(ts, self.flat)]
-                                             for ts in (params, exp_avgs, exp_avg_sqs))
-            self.scratch = {k: [_flat_view(t, f) for t, f in zip(v, self.flat)] for k, v in self.scratch.items()}
-            dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-            self.coefficients = torch.tensor(coefficients, dtype=dtype, device=params[0].device)
-        self.tensors = (params, exp_avgs, exp_avg_sqs)
+    def __init__(self, params: list[Tensor], buffers: dict[str, list[Tensor]], values: Mapping[Hashable, float],
+                 backend: CompiledBackend | None, table_cache: dict[tuple, PointerTables]) -> None:
+        self.params, self.values, self.backend = params, values, backend
+        self.buffers = {name: [local_tensor(t) for t in ts] for name, ts in buffers.items()}
+        self.compiled = compiled_indices(self.buffers) if backend is not None else []
+        if self.compiled:
+            local = self.buffers["p"]
+            key = tuple((id(params[i]), local[i].numel()) for i in self.compiled)
+            if key not in table_cache:
+                table_cache[key] = PointerTables(local[0].device, [local[i].numel() for i in self.compiled])
+            self.tables = table_cache[key]
 
-    def run(self, event: Event, grads: list[Tensor | None], extra_coefficient: Tensor | None = None) -> list[Tensor]:
-        """Runs ``event``; returns the per-tensor sums of squares of ``event.reduce``.
-        ``extra_coefficient``: a 0-d tensor known only at run time (e.g. from a global
-        norm), appended to the coefficients without a device-to-host sync."""
-        params, exp_avgs, exp_avg_sqs = self.tensors
-        coefficients = self.coefficients
-        if extra_coefficient is not None:
-            coefficients = (list(coefficients) + [extra_coefficient] if not self.fused else
-                            torch.cat([coefficients, extra_coefficient.reshape(1).to(coefficients)]))
-        if not self.fused:
-            return run_event(event, params, grads, exp_avgs, exp_avg_sqs, self.scratch, coefficients)
-        grads = [g.reshape(-1) if f and g is not None else g for g, f in zip(grads, self.flat)]
-        fn = compiled_event(event, params[0].device.type)
-        n, start, sums = len(params), 0, []
-        # Sizes stay symbolic without "duck" sharing: otherwise two equal sizes in one bucket
-        # would compile a variant that a bucket with different sizes cannot use.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            for size in FUSED_BUCKETS:
-                while n - start >= size:
-                    span = slice(start, start + size)
-                    sums += fn(params[span], grads[span], exp_avgs[span], exp_avg_sqs[span],
-                               {k: v[span] for k, v in self.scratch.items()}, coefficients)
-                    start += size
+    def run(self, event: Event, grads: Sequence[Tensor | None], runtimes: Mapping[str, Tensor] | None = None
+            ) -> list[Tensor]:
+        """Runs ``event``; returns partial sums of squares of ``event.reduce`` whose total
+        is the batch's (empty without one)."""
+        kernel = lower(event)
+        buffers = self.buffers
+        if "g" in kernel.inputs:
+            buffers = {**buffers, "g": [_laid_out_like(local_tensor(g), p) for g, p in zip(grads, buffers["p"])]}
+        coefficients = kernel.coefficient_values(self.values)
+        runtimes = runtimes or {}
+        if len(self.compiled) == len(self.params):
+            eager, compiled = {}, buffers
+        else:
+            chosen = set(self.compiled)
+            eager = {k: [t for i, t in enumerate(v) if i not in chosen] for k, v in buffers.items()}
+            compiled = {k: [v[i] for i in self.compiled] for k, v in buffers.items()}
+        sums = run_eager(kernel, eager, coefficients, runtimes) if eager else []
+        if self.compiled:
+            partial = self.backend.launch(kernel, self.buffers["p"][0].dtype, self.tables, compiled, coefficients, runtimes)
+            if partial is not None:
+                sums.append(partial.sum(dtype=torch.float64))
         return sums
 
 
-def _flat_view(t: Tensor, flat: bool) -> Tensor:
-    # detached: a plain tensor on the same storage, kept across the step's closure calls
-    # without autograd's view tracking
-    t = t.detach()
-    return t.view(-1) if flat else t
+def _laid_out_like(g: Tensor, p: Tensor) -> Tensor:
+    # a gradient set by hand may be laid out unlike its parameter: copy it, never misread it
+    return g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
 
 
-# With fused=None, CPU batches from this many elements on are compiled: the eager path
-# allocates a temporary per operation and tensor, which costs far more than the one-time
-# compile of a few seconds once a step moves tens of megabytes.
-FUSED_CPU_MIN_NUMEL = 1 << 22
-
-
-def select_fused(fused: bool | None, params: Sequence[Tensor]) -> bool:
-    """The one place that picks the path. ``None``: fused on CUDA (compiled with Triton),
-    and on CPU for batches of at least :data:`FUSED_CPU_MIN_NUMEL` elements."""
-    if fused is not None:
-        return fused
-    if not params or any(p.device.type not in ("cpu", "cuda") for p in params):
-        return False
-    return params[0].device.type == "cuda" or sum(p.numel() for p in params) >= FUSED_CPU_MIN_NUMEL
+def compiled_indices(buffers: Mapping[str, Sequence[Tensor]]) -> list[int]:
+    """The tensors a compiled backend can address: dense, with every state and scratch
+    buffer laid out like the parameter (gradients are made so in :meth:`Batch.run`)."""
+    params = buffers["p"]
+    return [i for i, p in enumerate(params)
+            if dense_layout(p) and all(b[i].stride() == p.stride() for b in buffers.values())]

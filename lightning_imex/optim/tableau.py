@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Mapping, Sequence
 
-__all__ = ["IMEXTableau", "TABLEAUX", "get_tableau"]
+__all__ = ["IMEXTableau", "Geometry", "TABLEAUX", "get_tableau", "moment_rows"]
 
 # Coefficients are compared with this tolerance: tableaux are written with ~1e-11 digits.
 _TOL = 1e-12
@@ -120,23 +120,116 @@ class IMEXTableau:
     @property
     def first_gradient_at_start(self) -> bool:
         """Whether the first gradient is taken at theta_n (true for every built-in)."""
-        return not self._plan.has_pre_gradient_event
+        return not self.geometry.pre_gradient
 
     @property
     def allows_gradient_reuse(self) -> bool:
         """Whether the last gradient stage sits at theta_{n+1}, and the first at theta_n,
         so the next step's first gradient can stand in for this step's last."""
-        return self._plan.allows_gradient_reuse
+        return self.geometry.reusable
 
-    @property
-    def _plan(self):
-        from .plan import build_plan  # the plan knows which stages coincide
-
-        return build_plan(self)
+    @cached_property
+    def geometry(self) -> Geometry:
+        return geometry(self)
 
     def __str__(self) -> str:
         return (f"IMEXTableau({self.name!r}, stages={self.num_stages}, order={self.order}, "
                 f"gradients={self.num_gradients}, positivity_preserving={self.positivity_preserving})")
+
+
+# Generic values of ``c = 1 - beta`` used to decide which coefficients vanish identically
+# and which stages share moments (coefficients are polynomials in c).
+_PROBES = (0.1234, 0.5678, 0.9012)
+
+
+@lru_cache(maxsize=256)
+def moment_rows(tableau: IMEXTableau, c: float) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    """The moments in coefficient form: every stage moment is a linear combination of the
+    step's start moment and the gradients seen so far, ``m_i = alpha_i m_n + sum_k
+    gamma_ik g_k`` (``v_i`` the same with ``g_k^2``), for ``h c1 = c`` (``1 - beta``).
+    Returns ``alpha[i]`` and ``gamma[i][k]``, with index ``num_stages`` for the final
+    moment; ``k`` counts gradient stages."""
+    s, stages = tableau.num_stages, tableau.gradient_stages
+    alpha: list[float] = []
+    gamma: list[list[float]] = []
+    for i in range(s + 1):
+        weights = tableau.b_explicit if i == s else tableau.a_explicit[i]
+        a, g = 1.0, [0.0] * len(stages)
+        # m_i = m_n + c * sum_j w_j (g_j - m_j), over gradient stages j < i
+        for col, j in enumerate(stages):
+            w = weights[j]
+            if j >= i and i < s or w == 0.0:
+                continue
+            a -= c * w * alpha[j]
+            for k in range(len(stages)):
+                g[k] -= c * w * gamma[j][k]
+            g[col] += c * w
+        alpha.append(a)
+        gamma.append(g)
+    return tuple(alpha), tuple(tuple(row) for row in gamma)
+
+
+def stage_moment(tableau: IMEXTableau, stage: int) -> tuple[tuple[float, ...], frozenset[int]]:
+    """A stage's moment as a comparable key (equal keys: identical moments for every
+    beta), and the gradients it depends on."""
+    key, deps = [], set()
+    for c in _PROBES:
+        alpha, gamma = moment_rows(tableau, c)
+        key.append(round(alpha[stage], 10))
+        key.extend(round(x, 10) for x in gamma[stage])
+        deps.update(k for k, x in enumerate(gamma[stage]) if abs(x) > _TOL)
+    return tuple(key), frozenset(deps)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a tableau's stages sit, as one optimizer step needs it.
+
+    *Points* are the distinct stage moments whose direction ``u(m_i, v_i)`` enters a
+    parameter update (stages with identical moments share one; a representative stage
+    each). *Targets* are the parameter positions: ``targets[e]`` is the point of the
+    gradient evaluated after event ``e`` (index ``q``: theta_{n+1}), as implicit weights
+    per point.
+    """
+
+    points: tuple[int, ...]
+    point_deps: tuple[frozenset[int], ...]  # the gradients each point's moment depends on
+    point_is_final: tuple[bool, ...]  # whether a point's moment equals the step's final one
+    final_deps: frozenset[int]
+    targets: tuple[tuple[float, ...], ...]
+    pre_gradient: bool  # some element-wise work comes before the first gradient
+    reusable: bool  # the next step's first gradient (at theta_n) can stand in for the last
+
+    def computed_at(self, point: int) -> int:
+        """The event after which a point's direction can be computed."""
+        deps = self.point_deps[point]
+        needed = 1 + max(deps) if deps else 0
+        return needed if self.pre_gradient else max(needed, 1)
+
+
+def geometry(tableau: IMEXTableau) -> Geometry:
+    s, stages = tableau.num_stages, tableau.gradient_stages
+    q = len(stages)
+    final_key, final_deps = stage_moment(tableau, s)
+    used = [k for k in range(s)
+            if abs(tableau.b_implicit[k]) > _TOL or any(abs(tableau.a_implicit[j][k]) > _TOL for j in stages)]
+    members: dict[tuple, list[int]] = {}
+    for k in used:
+        members.setdefault(stage_moment(tableau, k)[0], []).append(k)
+
+    def target(stage: int) -> tuple[float, ...]:
+        row = tableau.implicit_row(stage)
+        return tuple(0.0 if abs(x := sum(row[k] for k in group)) <= _TOL else x for group in members.values())
+
+    targets = tuple(target(j) for j in stages) + (target(s),)
+    pre_gradient = any(targets[0])
+    return Geometry(
+        points=tuple(group[0] for group in members.values()),
+        point_deps=tuple(stage_moment(tableau, group[0])[1] for group in members.values()),
+        point_is_final=tuple(key == final_key for key in members),
+        final_deps=final_deps, targets=targets, pre_gradient=pre_gradient,
+        reusable=not pre_gradient and targets[q - 1] == targets[q],
+    )
 
 
 def _ars222() -> IMEXTableau:
