@@ -29,9 +29,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .kernel import cache_dir, kernel_buffers
 from .program import Event, Kernel, lower, tensor
 
-__all__ = ["BACKEND", "CBackend", "c_source", "cache_dir"]
+__all__ = ["BACKEND", "CBackend", "c_source"]
 
 # Elements per block: large enough that a block's loop vectorizes and amortizes the table
 # look-ups, small enough that a 100k-element tensor spreads over several threads.
@@ -124,18 +125,6 @@ def _c_expression(op: str, a: list[str], fn: str) -> str:
     if op == "pow":
         return f"pow{fn}({a[0]}, {a[1]})"
     raise AssertionError(op)
-
-
-def kernel_buffers(kernel: Kernel) -> tuple[str, ...]:
-    """Every buffer a kernel touches, read ones first: the order of its pointer rows."""
-    return kernel.inputs + tuple(b for b in kernel.outputs if b not in kernel.inputs)
-
-
-def cache_dir() -> Path:
-    """Where generated kernels live: ``$LIGHTNING_IMEX_CACHE_DIR``, else the user's cache."""
-    root = os.environ.get("LIGHTNING_IMEX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lightning_imex")
-    return Path(root)
 
 
 def _openmp_flags() -> list[str]:

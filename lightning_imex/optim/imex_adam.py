@@ -42,7 +42,7 @@ class IMEXAdam(ElementwiseOptimizer):
         maximize: ascend instead of descend.
         fused: run each gradient's element-wise work as one generated kernel over
             every tensor (Triton on CUDA, C on CPU; compiled once per machine and cached
-            on disk). ``None`` picks it on CUDA and for CPU groups of 64k+ elements
+            on disk). ``None`` picks it on CUDA and for CPU groups of 4k+ elements
             (:func:`~lightning_imex.optim.kernel.select_backend`); ``False`` is the eager
             reference path. Both run the same program (:mod:`~lightning_imex.optim.plan`).
     """

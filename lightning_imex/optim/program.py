@@ -33,7 +33,7 @@ from typing import Any, Hashable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Expr", "Event", "Kernel", "Node", "tensor", "scalar", "runtime", "sqrt", "maximum", "clamp",
+__all__ = ["Expr", "Event", "Kernel", "Node", "tensor", "scalar", "runtime", "sqrt", "maximum", "minimum", "clamp",
            "lower", "run_eager", "COMPUTE_DTYPES"]
 
 # Operators by arity. Comparisons are deliberately absent: every node is a number.

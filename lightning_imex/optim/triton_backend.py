@@ -25,15 +25,15 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
 from types import ModuleType
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .cpu_backend import cache_dir, kernel_buffers
-from .kernel import PointerTables, _to_device
-from .program import Kernel
+from .kernel import PointerTables, cache_dir, kernel_buffers, to_device
+from .program import Event, Kernel, lower, tensor
 
 __all__ = ["BACKEND", "TritonBackend", "triton_source"]
 
@@ -170,14 +170,32 @@ class TritonBackend:
     def __init__(self) -> None:
         self._kernels: dict[tuple[Kernel, torch.dtype], Callable] = {}
         self._triton: ModuleType | None | bool = False  # False: not imported yet
+        self._probed: dict[tuple[torch.device, torch.dtype], bool] = {}
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """CUDA tensors of a supported dtype with Triton installed; CPU tensors too under
-        ``TRITON_INTERPRET=1`` (Triton's interpreter)."""
+        """CUDA tensors of a supported dtype with Triton installed, on a device that ran
+        this dtype's probe kernel; CPU tensors too under ``TRITON_INTERPRET=1`` (Triton's
+        interpreter)."""
         if dtype not in _ELEMENT_TYPES:
             return False
         interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-        return (device.type == "cuda" or interpreted) and self._import_triton() is not None
+        if not (device.type == "cuda" or interpreted) or self._import_triton() is None:
+            return False
+        if (device, dtype) not in self._probed:
+            self._probed[(device, dtype)] = self._probe(device, dtype)
+        return self._probed[(device, dtype)]
+
+    def _probe(self, device: torch.device, dtype: torch.dtype) -> bool:
+        # a GPU Triton cannot compile for must fall back to the eager path, not fail a step
+        try:
+            source, target = torch.ones(1, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
+            tables = PointerTables(device, [1])
+            self.launch(_PROBE, dtype, tables, {"m": [source], "p": [target]}, [], {})
+            return bool(target.item() == 1)
+        except Exception as error:  # any compiler or driver failure means: not here
+            warnings.warn(f"Triton kernels do not run on {device} for {dtype} ({type(error).__name__}: {error}); "
+                          "using the eager path", stacklevel=4)
+            return False
 
     def _import_triton(self) -> ModuleType | None:
         if self._triton is False:
@@ -195,7 +213,7 @@ class TritonBackend:
         block_tensor, block_start = tables.blocks(BLOCK)
         arguments = [*rows, tables.numels, block_tensor, block_start]
         if kernel.coefficients:
-            arguments.append(_to_device(torch.tensor(list(coefficients), dtype=torch.float64), tables.device))
+            arguments.append(to_device(torch.tensor(list(coefficients), dtype=torch.float64), tables.device))
         arguments += [runtimes[name].to(tables.device, non_blocking=True) for name in kernel.runtimes]
         partial = None
         if kernel.reduce is not None:
@@ -213,5 +231,8 @@ class TritonBackend:
             self._kernels[key] = _import_kernel(triton_source(kernel, dtype))
         return self._kernels[key]
 
+
+# What available() runs once per (device, dtype): a copy, to learn whether Triton works there.
+_PROBE = lower(Event(gradient=0, writes={"p": tensor("m")}))
 
 BACKEND = TritonBackend()
