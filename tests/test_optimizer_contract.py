@@ -97,3 +97,21 @@ def test_state_dict_without_a_newer_flag_loads_with_its_default(cls, kwargs):
     assert again.param_groups[0]["maximize"] is False  # the documented default, as torch fills it
     assert again.param_groups[0]["fused"] is None
     quadratic_steps(again, [p], 1)
+
+
+@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+def test_bad_settings_fail_before_params_are_read(cls, kwargs):
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got -1"):
+        cls(None, lr=-1, **kwargs)  # torch's contract: the settings are checked first
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        cls([nn.Parameter(torch.zeros(2))], lr=torch.tensor([1e-3, 1e-3]), **kwargs)
+
+
+@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+def test_loaded_state_dict_is_the_saved_one(cls, kwargs):
+    p = nn.Parameter(torch.randn(4))
+    opt = cls([p], lr=0.1, **kwargs)
+    quadratic_steps(opt, [p], 1)
+    again = cls([p], lr=0.1, **kwargs)
+    again.load_state_dict(opt.state_dict())
+    assert again.state_dict()["param_groups"] == opt.state_dict()["param_groups"]

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernel import Batch, PointerTables, select_backend
+from .kernel import Batch, PointerTables, reduction_key, select_backend
 from .program import Event, Expr, scalar
 
 __all__ = ["ElementwiseOptimizer", "OnePassOptimizer", "check_adam_hyperparameters", "LR", "B1", "B2", "EPS",
@@ -40,7 +40,9 @@ def decayed(p: Expr, decoupled: bool) -> Expr:
 
 
 def number(name: str, value: Any) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -85,10 +87,10 @@ class ElementwiseOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any],
                  fused: bool | None) -> None:
-        if fused is not None and not isinstance(fused, bool):
-            raise TypeError(f"fused must be a bool or None, got {fused!r}")
+        defaults = {**defaults, "fused": fused}
+        self._check_group(dict(defaults))  # bad settings fail before params are read
         self._init_caches()
-        super().__init__(params, {**defaults, "fused": fused})
+        super().__init__(params, defaults)
 
     def _init_caches(self) -> None:
         # Per-parameter working buffers of multi-stage programs (contents never outlive a
@@ -103,9 +105,8 @@ class ElementwiseOptimizer(Optimizer):
         documented = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()
                       if p.default is not inspect.Parameter.empty}
         for group in self.param_groups:
-            for key in self.defaults:
-                if key not in group:
-                    group[key] = documented.get(key, self.defaults[key])
+            for key in documented.keys() & self.defaults.keys():
+                group.setdefault(key, documented[key])
         self._init_caches()
 
     @property
@@ -131,7 +132,8 @@ class ElementwiseOptimizer(Optimizer):
     def _batches(self, group: dict[str, Any], scratch: Sequence[str], scalars: Callable[[tuple], dict[Hashable, float]],
                  without_grad: bool = False) -> list[Batch]:
         """The group's parameters that take part in this step (those with a gradient, or
-        all that require one), split by device, dtype and :meth:`_state_key`."""
+        all that require one), split by device, dtype, sharding (:func:`~.kernel.reduction_key`)
+        and :meth:`_state_key`."""
         split: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is None and not (without_grad and p.requires_grad):
@@ -141,14 +143,14 @@ class ElementwiseOptimizer(Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(state, p)
-            split[(p.device, p.dtype, *self._state_key(state))].append(p)
+            split[(p.device, p.dtype, reduction_key(p), *self._state_key(state))].append(p)
         batches = []
         for key, params in split.items():
             states = [self.state[p] for p in params]
             buffers = {"p": params, "m": [s[self.state_buffers[0]] for s in states],
                        "v": [s[self.state_buffers[1]] for s in states]}
             buffers.update({name: [self._scratch_buffer(p, name) for p in params] for name in scratch})
-            batches.append(Batch(params, buffers, scalars(key[2:]), select_backend(group["fused"], params),
+            batches.append(Batch(params, buffers, scalars(key[3:]), select_backend(group["fused"], params),
                                  self._tables))
         return batches
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import B1, B2, EPS, LR, K, OnePassOptimizer, decayed, gradient, gradient_flags, number
-from .kernel import Batch, all_reduce_sum
+from .kernel import Batch, all_reduce_sum, reduction_key
 from .program import Event, Expr, clamp, runtime, scalar, sqrt, tensor
 
 __all__ = ["ClippedAdam", "CLIP_MODES"]
@@ -96,10 +96,13 @@ class ClippedAdam(OnePassOptimizer):
         if len(events) == 1:
             return super()._apply(group, events, batches)
         moments, scaled = events
-        sums = [s for batch in batches for s in batch.run(moments, self._gradients(batch.params))]
         device = batches[0].buffers["p"][0].device
-        squared = torch.stack([s.to(device, torch.float64) for s in sums]).sum()
-        norm = all_reduce_sum(squared, [p for batch in batches for p in batch.params]).sqrt()
+        # ||u||^2 per sharding layout, each summed over the ranks that shard it, then added
+        squares: dict[tuple | None, list[Tensor]] = {}
+        for batch in batches:
+            sums = batch.run(moments, self._gradients(batch.params))
+            squares.setdefault(reduction_key(batch.params[0]), []).extend(s.to(device, torch.float64) for s in sums)
+        norm = sum(all_reduce_sum(torch.stack(s).sum(), key) for key, s in squares.items()).sqrt()
         # min(1, D / ||u||) without 0/0: radius 0 (lr 0) or a zero update leave p unmoved
         radius = self._radius(group)
         scale = torch.where(norm > radius, radius / torch.clamp(norm, min=1e-30), torch.ones_like(norm))

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .program import Event, Kernel, lower, run_eager
 
-__all__ = ["Batch", "PointerTables", "select_backend", "local_tensor", "all_reduce_sum", "cache_dir", "kernel_buffers",
+__all__ = ["Batch", "PointerTables", "select_backend", "local_tensor", "reduction_key", "all_reduce_sum", "cache_dir", "kernel_buffers",
            "to_device", "COMPILED_MIN_NUMEL"]
 
 
@@ -94,21 +94,25 @@ def local_tensor(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def all_reduce_sum(value: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """``value``, a sum over the local shards of ``params``, summed over the ranks that
-    shard them (FSDP2's DTensors: over each mesh dimension they are sharded on); ``value``
-    itself for ordinary tensors."""
-    layouts = {(p.device_mesh, tuple(p.placements)) for p in params if hasattr(p, "device_mesh")}
-    if not layouts:
+def reduction_key(t: Tensor) -> tuple | None:
+    """What a sum over ``t``'s local elements must be summed over to cover the whole
+    tensor: None for an ordinary tensor, (mesh, the mesh dimensions it is sharded on) for
+    a DTensor (FSDP2)."""
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None:
+        return None
+    return mesh, tuple(dim for dim, placement in enumerate(t.placements) if placement.is_shard())
+
+
+def all_reduce_sum(value: Tensor, key: tuple | None) -> Tensor:
+    """``value``, a sum over local elements of tensors with :func:`reduction_key` ``key``,
+    summed over the ranks that shard them."""
+    if key is None or not key[1]:
         return value
-    if len(layouts) > 1:
-        raise NotImplementedError("a norm over a parameter group needs one DTensor layout (mesh and placements) "
-                                  f"for all its parameters; this group has {len(layouts)}: put them in separate groups")
-    (mesh, placements), = layouts
+    mesh, dims = key
     total = value.clone()
-    for dim, placement in enumerate(placements):
-        if placement.is_shard():
-            torch.distributed.all_reduce(total, group=mesh.get_group(dim))
+    for dim in dims:
+        torch.distributed.all_reduce(total, group=mesh.get_group(dim))
     return total
 
 

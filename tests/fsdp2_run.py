@@ -1,0 +1,204 @@
+"""Trains a small model with every optimizer configuration under FSDP2 (``fully_shard``,
+DTensor parameters) on 2 gloo CPU processes and, on each rank, a non-sharded copy in one
+process, then writes how far apart they end: ``python tests/fsdp2_run.py OUT.json``.
+Run by test_fsdp2.py; it starts both ranks itself (forked, so imports are paid once).
+
+Both ranks see the same full batch, so FSDP2's averaged gradient, (g + g) / 2, is the
+one-process gradient exactly. Layer sizes do not divide by 2 (uneven shards) and the
+last layer has one output, so rank 1 holds empty shards of its weight and bias.
+
+OUT.json maps "NAME/fused=BOOL" to {"param": max |FSDP2 - one process| over the full
+parameters (gathered with ``full_tensor``), "local": the same over every rank's local
+shards of the parameters and both optimizer state buffers against the matching slices
+of the one-process run, "moved": max |final - initial| of the one-process run,
+"seconds"}, plus "clip_active" for ClippedAdam(clip="global"): whether clipping changed
+the one-process result. A configuration that raised has {"error": traceback} instead;
+fused=True without a C compiler has {"skipped": reason}.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
+
+WORLD = 2
+STEPS = 5
+
+CONFIGS = {
+    "imex_euler": lambda ps, fused: IMEXAdam(ps, lr=0.02, tableau="euler", fused=fused),
+    "imex_trapezoidal": lambda ps, fused: IMEXAdam(ps, lr=0.02, tableau="trapezoidal", fused=fused),
+    "imex_trapezoidal_reuse": lambda ps, fused: IMEXAdam(ps, lr=0.02, tableau="trapezoidal", reuse_gradient=True,
+                                                         fused=fused),
+    "imex_ssp3_433": lambda ps, fused: IMEXAdam(ps, lr=0.02, tableau="ssp3_433", fused=fused),
+    "adamax": lambda ps, fused: AdaMax(ps, lr=0.02, fused=fused),
+    "adamomentum": lambda ps, fused: AdaMomentum(ps, lr=0.02, fused=fused),
+    "clipped_coordinate": lambda ps, fused: ClippedAdam(ps, lr=0.02, clip="coordinate", max_update=0.01, fused=fused),
+    # the update's norm is about lr * sqrt(1 / (1 - b2)) * sqrt(numel) ~ 5: clipped to 0.05 every step
+    "clipped_global": lambda ps, fused: ClippedAdam(ps, lr=0.02, clip="global", max_update=0.05, fused=fused),
+    # one group mixing layouts: sharded parameters and one left whole (FSDP2's ignored_params)
+    "clipped_global_mixed": lambda ps, fused: ClippedAdam(ps, lr=0.02, clip="global", max_update=0.05, fused=fused),
+}
+MIXED = "clipped_global_mixed"
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 5, generator=g)
+    return x, torch.sin(x.sum(dim=1, keepdim=True))
+
+
+def train(model: nn.Module, make_optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.optim.Optimizer:
+    opt = make_optimizer(list(model.parameters()))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(STEPS):
+        opt.step(closure)
+    return opt
+
+
+def local_slice(full: torch.Tensor, like) -> torch.Tensor:
+    """The part of ``full`` that this rank holds of the DTensor ``like`` (FSDP2 shards
+    dim 0 with torch.chunk semantics: later ranks may get fewer rows, or none)."""
+    (placement,) = like.placements
+    chunks = list(torch.chunk(full, WORLD, dim=placement.dim))
+    rank = like.device_mesh.get_local_rank()
+    if rank < len(chunks):
+        return chunks[rank]
+    shape = list(full.shape)
+    shape[placement.dim] = 0
+    return full.new_empty(shape)
+
+
+def state_tensors(opt: torch.optim.Optimizer, params) -> list[list[torch.Tensor]]:
+    return [[v for _, v in sorted(opt.state[p].items()) if isinstance(v, torch.Tensor) and v.dim() > 0]
+            for p in params]
+
+
+def run_config(name: str, fused: bool, x, y) -> dict[str, float | bool]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    base = make_model()
+    reference = copy.deepcopy(base)
+    initial = [p.detach().clone() for p in base.parameters()]
+    mesh = init_device_mesh("cpu", (WORLD,))
+    layout = {}
+    if name == MIXED:
+        from torch.distributed.tensor import Shard
+
+        # FSDP2 shards dim 1 only evenly
+        layout = {"shard_placement_fn": lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % WORLD == 0 else Shard(0)}
+    linears = [layer for layer in base if isinstance(layer, nn.Linear)]
+    for layer in linears if name != MIXED else linears[:-1]:
+        fully_shard(layer, mesh=mesh, **layout)
+    ignored = {linears[-1].bias} if name == MIXED else None
+    sharded = fully_shard(base, mesh=mesh, ignored_params=ignored, **layout)
+
+    fsdp_opt = train(sharded, lambda ps: CONFIGS[name](ps, fused), x, y)
+    ref_opt = train(reference, lambda ps: CONFIGS[name](ps, fused), x, y)
+
+    local = 0.0
+    sharded_params, ref_params = list(sharded.parameters()), list(reference.parameters())
+    for p, r, ps, rs in zip(sharded_params, ref_params, state_tensors(fsdp_opt, sharded_params),
+                            state_tensors(ref_opt, ref_params)):
+        if name == MIXED and type(p).__name__ != "DTensor":  # the ignored bias: compared whole
+            local = max(local, (p.detach() - r.detach()).abs().max().item())
+            continue
+        assert type(p).__name__ == "DTensor", type(p)
+        assert len(ps) == len(rs) == 2, (len(ps), len(rs))
+        for a, b in [(p, r), *zip(ps, rs)]:
+            mine, theirs = a.to_local().detach(), local_slice(b.detach(), a)
+            assert mine.shape == theirs.shape, (mine.shape, theirs.shape)
+            if mine.numel():
+                local = max(local, (mine - theirs).abs().max().item())
+    worst = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+
+    full = max(((p.full_tensor() if hasattr(p, "full_tensor") else p).detach() - r.detach()).abs().max().item()
+               for p, r in zip(sharded_params, ref_params))
+    moved = max((r.detach() - i).abs().max().item() for r, i in zip(ref_params, initial))
+    result: dict[str, float | bool] = {"param": full, "local": worst.item(), "moved": moved}
+    if name.startswith("clipped_global"):
+        unclipped = copy.deepcopy(make_model())
+        train(unclipped, lambda ps: ClippedAdam(ps, lr=0.02, clip="global", max_update=1e9, fused=fused), x, y)
+        gap = max((u.detach() - r.detach()).abs().max().item()
+                  for u, r in zip(unclipped.parameters(), ref_params))
+        result["clip_active"] = gap > 1e-3
+    return result
+
+
+def compiled_available() -> str | None:
+    """Why fused=True cannot run here (no C compiler), or None."""
+    from lightning_imex.optim.cpu_backend import BACKEND
+
+    return None if BACKEND.available(torch.device("cpu"), torch.float32) else "no C compiler for the CPU kernels"
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)  # two ranks on a small machine
+    # a rank left waiting in a collective (the other failed) errs instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        x, y = make_data()
+        no_compiled = compiled_available()
+        results: dict[str, dict] = {}
+        for name in CONFIGS:
+            for fused in (False, True):
+                key = f"{name}/fused={fused}"
+                if fused and no_compiled:
+                    results[key] = {"skipped": no_compiled}
+                    continue
+                start = time.perf_counter()
+                try:
+                    results[key] = run_config(name, fused, x, y)
+                    results[key]["seconds"] = round(time.perf_counter() - start, 3)
+                except Exception as error:  # noqa: BLE001  (recorded: one broken path does not hide the others)
+                    results[key] = {"error": f"rank {rank}: {traceback.format_exc()[-4000:]}"}
+                    print(f"{key}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        if rank == 0:
+            Path(out).write_text(json.dumps(results, indent=1))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    # Imported once here and forked: the ranks do not each pay seconds of imports.
+    import torch._dynamo  # FSDP2 imports it on first use
+    import torch.distributed.fsdp
+    import torch.distributed.tensor
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(worker, args=(free_port(), sys.argv[1]), nprocs=WORLD, join=True, start_method=method)

@@ -1,0 +1,64 @@
+"""Under FSDP2 (``fully_shard``: DTensor parameters, uneven and empty local shards) every
+optimizer, on the eager and the compiled path, ends where one process on the whole
+model does: 2 gloo processes against 1, within 1e-6, on the full parameters and on every
+rank's local shards of parameters and state. ClippedAdam(clip="global") clips by the
+norm over the whole group across ranks, with the clipping active."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("fsdp2_run.py")
+
+CONFIGS = ["imex_euler", "imex_trapezoidal", "imex_trapezoidal_reuse", "imex_ssp3_433", "adamax", "adamomentum",
+           "clipped_coordinate", "clipped_global", "clipped_global_mixed"]  # as fsdp2_run.CONFIGS
+KEYS = [f"{name}/fused={fused}" for name in CONFIGS for fused in (False, True)]
+TOLERANCE = 1e-6
+
+
+def fsdp2_unavailable() -> str | None:
+    if not torch.distributed.is_available():
+        return "torch.distributed is not available in this torch build"
+    if not torch.distributed.is_gloo_available():
+        return "torch.distributed has no gloo backend in this torch build"
+    try:
+        from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError as error:
+        return f"FSDP2 (torch.distributed.fsdp.fully_shard) is not available: {error}"
+    return None
+
+
+pytestmark = [pytest.mark.slow,  # about 15 s: 2 processes, 16 trainings
+              pytest.mark.skipif(fsdp2_unavailable() is not None, reason=str(fsdp2_unavailable()))]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+    """One run of the script for every configuration: the processes start once."""
+    out = tmp_path_factory.mktemp("fsdp2") / "results.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 0 and out.exists(), f"exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-6000:]}"
+    found = json.loads(out.read_text())
+    assert sorted(found) == sorted(KEYS)
+    return found
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_fsdp2_two_processes_equal_one_process(results, key):
+    result = results[key]
+    if "skipped" in result:
+        pytest.skip(f"{key}: {result['skipped']}")
+    assert "error" not in result, f"{key} failed under FSDP2:\n{result['error']}"
+    assert result["moved"] > 1e-3, f"{key}: the parameters barely moved, the comparison would be vacuous"
+    assert result["param"] <= TOLERANCE, f"{key}: full parameters differ by {result['param']:.3g}"
+    assert result["local"] <= TOLERANCE, f"{key}: local shards (parameters, state) differ by {result['local']:.3g}"
+    if key.startswith("clipped_global"):
+        assert result["clip_active"], f"{key}: max_update does not clip, so the global norm goes untested"
