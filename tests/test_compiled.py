@@ -200,3 +200,26 @@ def test_state_dict_moves_between_paths(tmp_path):
     again = IMEXAdam(make_net().parameters(), lr=1e-2, fused=False)
     again.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
     assert all(s["step"] == 3 for s in again.state.values())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kept_batches_follow_replaced_storage_and_loaded_state(fused):
+    p = nn.Parameter(torch.zeros(10_000))
+    opt = AdaMax([p], lr=1.0, fused=fused)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    p.data = torch.zeros(10_000)  # new storage, same Parameter (what module.to(...) does)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert (p.detach() < 0).all()  # the new storage moved, not the old one
+    saved = copy.deepcopy(opt.state_dict())
+    opt.step()
+    opt.load_state_dict(copy.deepcopy(saved))  # new state tensors
+    fresh = AdaMax([nn.Parameter(p.detach().clone())], lr=1.0, fused=fused)
+    fresh.load_state_dict(saved)
+    fresh.param_groups[0]["params"][0].grad = p.grad.clone()
+    before = p.detach().clone()
+    opt.step()
+    fresh.step()
+    torch.testing.assert_close(p.detach(), fresh.param_groups[0]["params"][0].detach())
+    assert not torch.equal(p.detach(), before)

@@ -64,24 +64,26 @@ def compare(event: Event, make_buffers: Callable[[], dict[str, list[torch.Tensor
             grads_per_step: list, runtimes: dict[str, torch.Tensor] | None = None) -> None:
     """Runs ``event`` step by step on two copies of the buffers, through the Triton backend
     and eagerly, and asserts equal buffers and equal sums of squares after every step.
-    The Triton side keeps its pointer tables between steps, as an optimizer does.
+    The Triton side keeps its batch (and so its pointer tables) between steps, as an
+    optimizer does.
     ``grads_per_step``: a step's gradients, or a function that makes them just before it."""
     triton_buffers, eager_buffers = make_buffers(), make_buffers()
     dtype = triton_buffers["p"][0].dtype
-    tables: dict[tuple, PointerTables] = {}
+    batch = Batch(triton_buffers["p"], triton_buffers, backend=BACKEND)
+    assert batch.compiled == list(range(len(triton_buffers["p"]))), "every tensor must take the Triton path"
     for values, grads in zip(values_per_step, grads_per_step):
         grads = grads() if callable(grads) else grads
-        batch = Batch(triton_buffers["p"], triton_buffers, values, backend=BACKEND, table_cache=tables)
-        assert batch.compiled == list(range(len(triton_buffers["p"]))), "every tensor must take the Triton path"
+        assert batch.matches(triton_buffers, BACKEND)
+        batch.values = values
         triton_sums = batch.run(event, grads, runtimes)
-        eager_sums = Batch(eager_buffers["p"], eager_buffers, values, backend=None, table_cache={}).run(
-            event, grads, runtimes)
+        eager = Batch(eager_buffers["p"], eager_buffers, backend=None)
+        eager.values = values
+        eager_sums = eager.run(event, grads, runtimes)
         if event.reduce is not None:
             assert_close(sum(triton_sums), sum(eager_sums), rtol=1e-5, atol=1e-6)
         for name in triton_buffers:
             for ours, theirs in zip(triton_buffers[name], eager_buffers[name]):
                 assert_close(ours, theirs, equal_nan=True, **TOLERANCES[dtype])
-    assert len(tables) == 1, "one pointer table per batch, kept between steps"
 
 
 def dense(dtype: torch.dtype) -> Callable[[int], torch.Tensor]:

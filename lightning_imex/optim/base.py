@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernel import Batch, PointerTables, reduction_key, select_backend
+from .kernel import Batch, reduction_key, select_backend
 from .program import Event, Expr, scalar
 
 __all__ = ["ElementwiseOptimizer", "OnePassOptimizer", "check_adam_hyperparameters", "LR", "B1", "B2", "EPS",
@@ -77,6 +77,9 @@ def gradient_flags(group: dict[str, Any]) -> tuple[bool, bool, bool]:
     return group["maximize"], decay and not decoupled, decay and decoupled
 
 
+_BATCH_CACHE_SIZE = 64
+
+
 class ElementwiseOptimizer(Optimizer):
     """An optimizer with two state buffers per parameter (named by ``state_buffers``; its
     programs call them ``m`` and ``v``) whose step runs element-wise programs on the path
@@ -94,9 +97,9 @@ class ElementwiseOptimizer(Optimizer):
 
     def _init_caches(self) -> None:
         # Per-parameter working buffers of multi-stage programs (contents never outlive a
-        # step) and the compiled path's pointer tables: kept between steps, never state.
+        # step) and the batches of recent steps: kept between steps, never state.
         self._scratch: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._tables: dict[tuple, PointerTables] = {}
+        self._batch_cache: dict[tuple[int, ...], Batch] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickling, deepcopy and load_state_dict land here: fill flags that an older
@@ -150,9 +153,20 @@ class ElementwiseOptimizer(Optimizer):
             buffers = {"p": params, "m": [s[self.state_buffers[0]] for s in states],
                        "v": [s[self.state_buffers[1]] for s in states]}
             buffers.update({name: [self._scratch_buffer(p, name) for p in params] for name in scratch})
-            batches.append(Batch(params, buffers, scalars(key[3:]), select_backend(group["fused"], params),
-                                 self._tables))
+            batch = self._batch(params, buffers, select_backend(group["fused"], params))
+            batch.values = scalars(key[3:])
+            batches.append(batch)
         return batches
+
+    def _batch(self, params: list[Tensor], buffers: dict[str, list[Tensor]], backend) -> Batch:
+        """The batch of an earlier step if it still matches: its tables are built already."""
+        key = tuple(map(id, params))
+        batch = self._batch_cache.get(key)
+        if batch is None or not batch.matches(buffers, backend):
+            if len(self._batch_cache) >= _BATCH_CACHE_SIZE:  # parameter sets that come and go
+                self._batch_cache.clear()
+            batch = self._batch_cache[key] = Batch(params, buffers, backend)
+        return batch
 
     def _scratch_buffer(self, p: Tensor, name: str) -> Tensor:
         buffers = self._scratch.setdefault(p, {})

@@ -17,9 +17,10 @@ tensors that do not get the eager path, in the same step.
 
 from __future__ import annotations
 
+import operator
 import os
 from pathlib import Path
-from typing import Hashable, Mapping, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -185,22 +186,28 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 class Batch:
-    """Parameters that share one step's scalars, device and dtype, with their state and
-    scratch buffers (``buffers``: name -> one tensor per parameter, ``"p"`` included),
-    prepared once per step for every event. ``table_cache``: where the compiled path
-    keeps its pointer tables between steps (the optimizer owns it)."""
+    """Parameters that share device, dtype and step, with their state and scratch buffers
+    (``buffers``: name -> one tensor per parameter, ``"p"`` included) as the kernels see
+    them, and the compiled path's pointer tables. Built once and reused by later steps
+    while :meth:`matches` (the optimizer keeps it); ``values``, the step's named scalars,
+    is set every step."""
 
-    def __init__(self, params: list[Tensor], buffers: dict[str, list[Tensor]], values: Mapping[Hashable, float],
-                 backend: CompiledBackend | None, table_cache: dict[tuple, PointerTables]) -> None:
-        self.params, self.values, self.backend = params, values, backend
+    def __init__(self, params: list[Tensor], buffers: dict[str, list[Tensor]], backend: CompiledBackend | None) -> None:
+        self.params, self.backend, self.values = params, backend, {}
+        self._given = buffers
+        self._pointers = [p.data_ptr() for p in params]
         self.buffers = {name: [local_tensor(t) for t in ts] for name, ts in buffers.items()}
         self.compiled = compiled_indices(self.buffers) if backend is not None else []
         if self.compiled:
             local = self.buffers["p"]
-            key = tuple((id(params[i]), local[i].numel()) for i in self.compiled)
-            if key not in table_cache:
-                table_cache[key] = PointerTables(local[0].device, [local[i].numel() for i in self.compiled])
-            self.tables = table_cache[key]
+            self.tables = PointerTables(local[0].device, [local[i].numel() for i in self.compiled])
+
+    def matches(self, buffers: dict[str, list[Tensor]], backend: CompiledBackend | None) -> bool:
+        """Whether this batch still describes ``buffers``: the same tensors, and parameters
+        whose storage was not replaced (``p.data = ...``, e.g. by ``module.to``)."""
+        return (backend is self.backend and buffers.keys() == self._given.keys()
+                and all(all(map(operator.is_, ts, self._given[name])) for name, ts in buffers.items())
+                and [p.data_ptr() for p in self.params] == self._pointers)
 
     def run(self, event: Event, grads: Sequence[Tensor | None], runtimes: Mapping[str, Tensor] | None = None
             ) -> list[Tensor]:
