@@ -1,28 +1,63 @@
 """Optimizer step time as a ratio to torch.optim.Adam(fused=True), measured in the same run.
 
-Rows: torch's Adam paths; IMEXAdam per tableau (eager and fused); AdaMax, AdaMomentum,
-ClippedAdam; and "AdaMomentum per-tensor loop", the plain Python loop of in-place torch
-ops over the parameters that AdaM3's published script uses (what users have today).
+Rows: torch Adam fused (the baseline, measured first and again last to show the drift of
+the machine within the run) and foreach; IMEXAdam per tableau (euler, trapezoidal,
+trapezoidal with reuse_gradient, ssp3_433), AdaMax, AdaMomentum, ClippedAdam (coordinate
+and global clipping), each on its default path (``fused=None``), ``fused=True`` and
+``fused=False`` ("eager"); and "AdaM3-style per-tensor loop", the plain Python loop of
+in-place torch ops over the parameters that AdaM3's published script uses.
 
-    python benchmarks/bench_optim.py                 # 20M fp32 params in 200 tensors, 2 threads
-    python benchmarks/bench_optim.py --numel 2e6     # quicker
+    python benchmarks/bench_optim.py                          # 20M params in 200 flat tensors
+    python benchmarks/bench_optim.py --numel 2e6 --repeats 5  # quicker
+    python benchmarks/bench_optim.py --shapes gpt2            # GPT-2 small: 124M params, 148 tensors
+    python benchmarks/bench_optim.py --shapes many            # 1,000 tensors of 4,096 elements
+    python benchmarks/bench_optim.py --only 'IMEXAdam.*fused' --json rows.json
+    python benchmarks/bench_optim.py --device cuda --dtype bfloat16 --shapes gpt2
 
-Multi-gradient tableaux are timed on the optimizer's own work: the closure only puts
-stored gradients back into ``.grad``. Medians of ``--repeats`` timed steps after warm-up
-(the warm-up includes the one-time compile of the fused path, reported separately).
+Columns: the median of ``--repeats`` timed steps (after the first step and ``--warmup``
+more); its ratio to the baseline's median; the gradient evaluations per step (closure
+calls counted during the timed steps); the ratio per gradient evaluation (median / grads /
+baseline), which is what a multi-gradient method costs per gradient it consumes; and the
+first step in seconds, which includes state allocation and any compilation or code
+generation. Compiled kernels are cached within the process, so a later row reusing a
+kernel shows a shorter first step than the row that built it.
+
+The timed work is the optimizer's own: the closure only puts stored gradients back into
+``.grad``. Each row is printed as soon as it is measured; a row that raises prints its
+error and the run goes on. ``--json PATH`` rewrites PATH with all rows after each row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import statistics
 import time
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Our optimizers: row label, class, constructor keywords.
+OURS = [
+    ("IMEXAdam euler", IMEXAdam, {"tableau": "euler"}),
+    ("IMEXAdam trapezoidal", IMEXAdam, {"tableau": "trapezoidal"}),
+    ("IMEXAdam trapezoidal reuse_gradient", IMEXAdam, {"tableau": "trapezoidal", "reuse_gradient": True}),
+    ("IMEXAdam ssp3_433", IMEXAdam, {"tableau": "ssp3_433"}),
+    ("AdaMax", AdaMax, {}),
+    ("AdaMomentum", AdaMomentum, {}),
+    ("ClippedAdam coordinate", ClippedAdam, {"clip": "coordinate"}),
+    ("ClippedAdam global", ClippedAdam, {"clip": "global"}),
+]
+# Path name -> the ``fused`` argument.
+PATHS = {"default": None, "fused": True, "eager": False}
 
 
 class PerTensorAdaMomentum(torch.optim.Optimizer):
@@ -49,69 +84,182 @@ class PerTensorAdaMomentum(torch.optim.Optimizer):
         return loss
 
 
-def median_ms(step: Callable[[], None], repeats: int, warmup: int, sync: Callable[[], None]) -> tuple[float, float]:
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    path: str
+    build: Callable[[list[Tensor]], torch.optim.Optimizer]
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} {self.path}"
+
+
+@dataclass
+class Row:
+    label: str
+    path: str
+    median_ms: float | None = None
+    ratio: float | None = None
+    gradient_evaluations: float | None = None
+    ratio_per_gradient: float | None = None
+    first_step_s: float | None = None
+    error: str | None = None
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small's 148 parameter shapes (124M), in Hugging Face's Conv1D layout (in, out)."""
+    d, vocab, context, blocks = 768, 50257, 1024, 12
+    layer_norm = [(d,), (d,)]
+    block = (layer_norm + [(d, 3 * d), (3 * d,), (d, d), (d,)]  # ln_1, attn c_attn, attn c_proj
+             + layer_norm + [(d, 4 * d), (4 * d,), (4 * d, d), (d,)])  # ln_2, mlp c_fc, mlp c_proj
+    return [(vocab, d), (context, d)] + block * blocks + layer_norm
+
+
+def parameter_shapes(kind: str, numel: int, tensors: int) -> list[tuple[int, ...]]:
+    if kind == "gpt2":
+        return gpt2_small_shapes()
+    if kind == "many":
+        return [(4096,)] * 1000
+    return [(numel // tensors,)] * tensors
+
+
+def candidates(skip_eager: bool) -> list[Candidate]:
+    """Our optimizers on each path, then the per-tensor loop (the baselines run apart)."""
+    paths = [path for path in PATHS if not (skip_eager and path == "eager")]
+    rows = [Candidate(label, path, partial(cls, fused=PATHS[path], **kwargs)) for label, cls, kwargs in OURS
+            for path in paths]
+    return rows + [Candidate("AdaM3-style per-tensor loop", "eager", PerTensorAdaMomentum)]
+
+
+def seconds(action: Callable[[], object], sync: Callable[[], None]) -> float:
     sync()
-    warm = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, warm
+    start = time.perf_counter()
+    action()
+    sync()
+    return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--numel", type=float, default=20e6, help="total parameters")
-    parser.add_argument("--tensors", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--tableaux", default="euler,trapezoidal,ssp3_433")
-    parser.add_argument("--skip-eager", action="store_true", help="time only the fused path")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    size = int(args.numel) // args.tensors
-    params = [torch.nn.Parameter(torch.randn(size, device=args.device)) for _ in range(args.tensors)]
-    grads = [torch.randn(size, device=args.device) for _ in range(args.tensors)]
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+def measure(optimizer: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor], repeats: int,
+            warmup: int, sync: Callable[[], None]) -> tuple[float, float, float]:
+    """(first step s, median ms of the timed steps, closure calls per timed step)."""
+    closure_calls = 0
 
-    def refill() -> float:
+    def refill_gradients() -> float:
+        nonlocal closure_calls
+        closure_calls += 1
         for p, g in zip(params, grads):
             p.grad = g
         return 0.0
 
-    def timed(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
-        refill()
-        return median_ms(lambda: optimizer.step(refill), args.repeats, args.warmup, sync)
+    def step() -> None:
+        optimizer.step(refill_gradients)
 
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
-    print(f"{args.tensors} tensors, {size * args.tensors / 1e6:.1f}M fp32 params, {where}, torch {torch.__version__}")
-    print(f"{'optimizer':44s} {'median ms':>10s} {'ratio':>7s} {'warm-up s':>10s}")
-    baseline, _ = timed(torch.optim.Adam(params, fused=True))
+    first_step = seconds(step, sync)
+    for _ in range(warmup):
+        step()
+    closure_calls = 0
+    times = [seconds(step, sync) for _ in range(repeats)]
+    return first_step, statistics.median(times) * 1e3, closure_calls / repeats
 
-    def row(label: str, optimizer: torch.optim.Optimizer) -> None:  # printed at once: partial runs still report
-        ms, warm = timed(optimizer)
-        print(f"{label:44s} {ms:10.2f} {ms / baseline:7.2f} {warm:10.1f}", flush=True)
 
-    print(f"{'torch Adam fused (baseline)':44s} {baseline:10.2f} {1.0:7.2f}", flush=True)
-    row("torch Adam single-tensor", torch.optim.Adam(params, foreach=False))
-    configs = [(f"IMEXAdam {name}", IMEXAdam, {"tableau": name}) for name in args.tableaux.split(",") if name]
-    configs += [("IMEXAdam trapezoidal reuse", IMEXAdam, {"reuse_gradient": True})]
-    configs += [("AdaMax", AdaMax, {}), ("AdaMomentum", AdaMomentum, {}),
-                ("ClippedAdam coordinate", ClippedAdam, {}), ("ClippedAdam global", ClippedAdam, {"clip": "global"})]
-    for label, cls, kwargs in configs:
-        for fused in ([True] if args.skip_eager else [False, True]):
-            row(f"{label} {'fused' if fused else 'eager'}", cls(params, fused=fused, **kwargs))
-    row("AdaMomentum per-tensor loop", PerTensorAdaMomentum(params))
-    # The baseline again, to show the drift of a noisy machine within this run.
-    row("torch Adam fused (again)", torch.optim.Adam(params, fused=True))
+def one_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:120]
+
+
+def measured_row(label: str, path: str, measure_steps: Callable[[], tuple[float, float, float]],
+                 baseline_ms: float | None) -> Row:
+    """One row; an exception becomes the row's error. ``baseline_ms=None``: this is the baseline."""
+    row = Row(label, path)
+    try:
+        row.first_step_s, row.median_ms, row.gradient_evaluations = measure_steps()
+    except Exception as error:  # report and go on: one broken row must not end the run
+        row.error = one_line(error)
+        return row
+    row.ratio = row.median_ms / (row.median_ms if baseline_ms is None else baseline_ms)
+    row.ratio_per_gradient = row.ratio / row.gradient_evaluations if row.gradient_evaluations else None
+    return row
+
+
+HEADER = (f"{'optimizer':38s} {'path':>7s} {'median ms':>10s} {'ratio':>7s} {'grads':>6s} "
+          f"{'ratio/grad':>10s} {'first step s':>12s}")
+
+
+def format_row(row: Row) -> str:
+    start = f"{row.label:38s} {row.path:>7s}"
+    if row.error is not None:
+        return f"{start} error: {row.error}"
+    per_gradient = f"{row.ratio_per_gradient:10.2f}" if row.ratio_per_gradient is not None else f"{'-':>10s}"
+    return (f"{start} {row.median_ms:10.2f} {row.ratio:7.2f} {row.gradient_evaluations:6.2g} "
+            f"{per_gradient} {row.first_step_s:12.2f}")
+
+
+def describe(shapes: list[tuple[int, ...]], args: argparse.Namespace) -> str:
+    numel = sum(math.prod(shape) for shape in shapes)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    return (f"{args.shapes} shapes: {len(shapes)} tensors, {numel / 1e6:.1f}M {args.dtype} params, "
+            f"{where}, torch {torch.__version__}")
+
+
+def write_json(path: str, description: str, args: argparse.Namespace, rows: list[Row]) -> None:
+    with open(path, "w") as file:
+        json.dump({"setup": description, "arguments": vars(args), "rows": [asdict(row) for row in rows]},
+                  file, indent=1)
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", choices=["flat", "gpt2", "many"], default="flat",
+                        help="flat: --tensors equal 1-D tensors of --numel in all; gpt2: GPT-2 small's "
+                             "parameters; many: 1,000 tensors of 4,096 elements")
+    parser.add_argument("--numel", type=float, default=20e6, help="total parameters (--shapes flat)")
+    parser.add_argument("--tensors", type=int, default=200, help="number of tensors (--shapes flat)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first one")
+    parser.add_argument("--skip-eager", action="store_true", help="leave out our optimizers' fused=False rows")
+    parser.add_argument("--only", default=None, metavar="REGEX",
+                        help="run only rows whose 'label path' matches (the baseline always runs)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shapes = parameter_shapes(args.shapes, int(args.numel), args.tensors)
+    dtype = DTYPES[args.dtype]
+    params = [torch.nn.Parameter(torch.randn(shape, device=args.device, dtype=dtype)) for shape in shapes]
+    grads = [torch.randn(shape, device=args.device, dtype=dtype) for shape in shapes]
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    description = describe(shapes, args)
+    print(description)
+    print(HEADER, flush=True)
+    rows: list[Row] = []
+
+    def run(label: str, path: str, build: Callable[[list[Tensor]], torch.optim.Optimizer]) -> Row:
+        baseline_ms = rows[0].median_ms if rows else None
+        row = measured_row(label, path, lambda: measure(build(params), params, grads, args.repeats, args.warmup, sync),
+                           baseline_ms)
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if args.json:
+            write_json(args.json, description, args, rows)
+        return row
+
+    baseline = run("torch Adam (baseline)", "fused", lambda params: torch.optim.Adam(params, fused=True))
+    if baseline.error is not None:
+        raise SystemExit("the baseline failed: no ratios to report")
+    chosen = [Candidate("torch Adam", "foreach", lambda params: torch.optim.Adam(params, foreach=True))]
+    chosen += candidates(args.skip_eager)
+    for candidate in chosen:
+        if args.only is None or re.search(args.only, candidate.name):
+            run(candidate.label, candidate.path, candidate.build)
+    run("torch Adam (again)", "fused", lambda params: torch.optim.Adam(params, fused=True))
 
 
 if __name__ == "__main__":
