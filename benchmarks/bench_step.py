@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -35,6 +34,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bench_optim import seconds  # the script's folder is on sys.path
 
 from lightning_imex.models import ResNet
 from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
@@ -100,14 +101,6 @@ def transformer(batch: int, device: str, channels_last: bool) -> Workload:
 
 
 NETWORKS = {"resnet18": resnet18, "transformer": transformer}
-
-
-def seconds(action: Callable[[], object], sync: Callable[[], None]) -> float:
-    sync()
-    start = time.perf_counter()
-    action()
-    sync()
-    return time.perf_counter() - start
 
 
 def time_training(workload: Workload, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
