@@ -223,3 +223,10 @@ def test_kept_batches_follow_replaced_storage_and_loaded_state(fused):
     fresh.step()
     torch.testing.assert_close(p.detach(), fresh.param_groups[0]["params"][0].detach())
     assert not torch.equal(p.detach(), before)
+
+
+def test_compiled_reuse_equals_compiled_two_gradient(net):
+    # full batch: the next step's first gradient is the one the last stage would take
+    two, _, _ = train(net, lambda p: IMEXAdam(p, lr=1e-2, fused=True), 10)
+    one, _, _ = train(net, lambda p: IMEXAdam(p, lr=1e-2, fused=True, reuse_gradient=True), 10)
+    torch.testing.assert_close(flat(one), flat(two), atol=1e-6, rtol=0)
