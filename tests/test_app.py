@@ -76,6 +76,7 @@ def test_default_job_learns_digits(tmp_path):
     assert list(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))  # Hydra's run dir
 
 
+@pytest.mark.slow  # CLI processes: the full tier runs it
 def test_multirun_gives_one_run_per_optimizer(tmp_path):
     result = run_app(tmp_path, "-m", "optimizer=imex_trapezoidal,adam", "trainer=debug", "logger=none")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -99,6 +100,7 @@ def steps_logged(run_dir: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss_step")]
 
 
+@pytest.mark.slow  # CLI processes: the full tier runs it
 def test_resume_continues_from_the_saved_step(tmp_path):
     common = ["trainer.max_epochs=null", "trainer.log_every_n_steps=1", "callbacks=checkpoint", "test=false"]
     first = run_app(tmp_path, "trainer.max_steps=12", "hydra.run.dir=first", *common)
@@ -110,6 +112,7 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     assert min(steps_logged(tmp_path / "second")) >= 12 and max(steps_logged(tmp_path / "second")) == 19
 
 
+@pytest.mark.slow  # one CLI process each: the full tier runs them
 @pytest.mark.parametrize("overrides,message", [
     (["optimizer=nope"], r"Could not find 'optimizer/nope'\s+Available options in 'optimizer':"),
     (["dataset=nope"], r"Could not find 'dataset/nope'\s+Available options in 'dataset':"),
