@@ -29,8 +29,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .kernel import cache_dir, kernel_buffers
-from .program import Event, Kernel, lower, tensor
+from .kernel import PROBE_KERNEL, cache_dir, kernel_buffers
+from .program import Kernel
 
 __all__ = ["BACKEND", "CBackend", "c_source"]
 
@@ -166,7 +166,7 @@ class CBackend:
             return False
         if dtype not in self._probed:
             try:
-                self._function(_PROBE, dtype)
+                self._function(PROBE_KERNEL, dtype)
             except RuntimeError as error:
                 warnings.warn(f"no compiled CPU kernels for {dtype}, using the eager path: {error}", stacklevel=3)
                 self._failed.add(dtype)
@@ -232,8 +232,5 @@ class CBackend:
                                    f"{result.stderr.strip()[-2000:]}")
             os.replace(out, path)  # atomic: a concurrent process sees the whole file or none
 
-
-# What available() compiles once per dtype: a copy, to learn whether the toolchain works.
-_PROBE = lower(Event(gradient=0, writes={"p": tensor("m")}))
 
 BACKEND = CBackend()

@@ -25,7 +25,7 @@ from typing import Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .program import Event, Kernel, lower, run_eager
+from .program import Event, Kernel, lower, run_eager, tensor
 
 __all__ = ["Batch", "PointerTables", "select_backend", "local_tensor", "reduction_key", "all_reduce_sum", "cache_dir", "kernel_buffers",
            "to_device", "COMPILED_MIN_NUMEL"]
@@ -143,6 +143,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+# What a backend runs once per dtype (and device) before it is used: a copy, to learn
+# whether its toolchain works here.
+PROBE_KERNEL = lower(Event(gradient=0, writes={"p": tensor("m")}))
+
+
 class PointerTables:
     """One row of data pointers per buffer for a fixed list of tensors, their sizes, and
     block tables, on the tensors' device. Rows are rebuilt only when a pointer changed."""
@@ -151,6 +156,7 @@ class PointerTables:
         self.device, self.count = device, len(numels)
         self.numels = torch.tensor(list(numels), dtype=torch.int64, device=device)
         self._numels = list(numels)
+        self.total = sum(self._numels)
         self._rows: dict[str, tuple[list[int], Tensor]] = {}
         self._blocks: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -173,10 +179,6 @@ class PointerTables:
             self._blocks[size] = (to_device(torch.tensor(index, dtype=torch.int32), self.device),
                                   to_device(torch.tensor(start, dtype=torch.int64), self.device))
         return self._blocks[size]
-
-    @property
-    def total(self) -> int:
-        return sum(self._numels)
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -32,8 +32,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .kernel import PointerTables, cache_dir, kernel_buffers, to_device
-from .program import Event, Kernel, lower, tensor
+from .kernel import PROBE_KERNEL, PointerTables, cache_dir, kernel_buffers, to_device
+from .program import Kernel
 
 __all__ = ["BACKEND", "TritonBackend", "triton_source"]
 
@@ -190,7 +190,7 @@ class TritonBackend:
         try:
             source, target = torch.ones(1, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
             tables = PointerTables(device, [1])
-            self.launch(_PROBE, dtype, tables, {"m": [source], "p": [target]}, [], {})
+            self.launch(PROBE_KERNEL, dtype, tables, {"m": [source], "p": [target]}, [], {})
             return bool(target.item() == 1)
         except Exception as error:  # any compiler or driver failure means: not here
             warnings.warn(f"Triton kernels do not run on {device} for {dtype} ({type(error).__name__}: {error}); "
@@ -231,8 +231,5 @@ class TritonBackend:
             self._kernels[key] = _import_kernel(triton_source(kernel, dtype))
         return self._kernels[key]
 
-
-# What available() runs once per (device, dtype): a copy, to learn whether Triton works there.
-_PROBE = lower(Event(gradient=0, writes={"p": tensor("m")}))
 
 BACKEND = TritonBackend()
