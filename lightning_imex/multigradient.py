@@ -22,7 +22,12 @@ from torchmetrics import Metric
 
 from .clipping import SkipStep
 
-__all__ = ["StepEvaluations", "check_fit", "requires_closure"]
+__all__ = ["IncompatibleSetupError", "StepEvaluations", "check_fit", "requires_closure"]
+
+
+class IncompatibleSetupError(RuntimeError):
+    """A Trainer setting under which a multi-gradient optimizer step would be silently
+    wrong; raised before the first optimizer step, and the message names the fix."""
 
 
 def requires_closure(optimizer: Any) -> bool:
@@ -46,16 +51,16 @@ def check_fit(trainer: Any) -> None:
         name = describe(optimizer)
         plugin = trainer.precision_plugin
         if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
-            raise RuntimeError(
+            raise IncompatibleSetupError(
                 f"{name} evaluates the gradient several times per step, but precision={trainer.precision!r} "
                 "steps through a GradScaler, which calls the optimizer without the closure: use "
                 "precision='bf16-mixed' or '32-true' (or tableau='euler' / reuse_gradient=True)")
         if any(cls.__name__ == "DeepSpeedStrategy" for cls in type(trainer.strategy).__mro__):
-            raise RuntimeError(
+            raise IncompatibleSetupError(
                 f"{name} evaluates the gradient several times per step, but DeepSpeed steps its engine "
                 "without the closure: use strategy='ddp' or 'fsdp' (or tableau='euler' / reuse_gradient=True)")
         if trainer.accumulate_grad_batches > 1:
-            raise RuntimeError(
+            raise IncompatibleSetupError(
                 f"{name} evaluates the gradient several times per step on one batch, so "
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches} would add its later evaluations "
                 "onto the accumulated gradients: use accumulate_grad_batches=1 with a larger batch (or "
