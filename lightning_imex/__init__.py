@@ -7,10 +7,17 @@ names below load Lightning on first use.
 import importlib
 from typing import Any
 
+from .optim.closure import register_closure_adapter
+
+# An optimizer step handed Lightning's training closure calls it through this adapter
+# (imported then, with Lightning already running): right in any LightningModule.
+register_closure_adapter("lightning", "lightning_imex.multigradient:lightning_closure_calls")
+
 __version__ = "0.1.0"
 
 _LIGHTNING = {
     "IMEXModule": "module",
+    "gradient_evaluation": "multigradient",
     "configure_optimizers": "factory",
     "GradientClipping": "clipping",
     "clip_gradients": "clipping",

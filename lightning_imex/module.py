@@ -10,11 +10,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.data import AttributeDict
 
-from .clipping import GradientClipping, clip_gradients, logs_this_step
+from . import _lightning
+from .clipping import GradientClipping, SkipStep, clip_gradients
 from .factory import configure_optimizers, optimizer_config, scheduler_config, to_plain
-from .multigradient import StepEvaluations, check_fit
+from .multigradient import OptimizerSnapshot, check_trainer, gradient_evaluation, requires_closure, step_calls
 
 __all__ = ["IMEXModule"]
 
@@ -51,9 +53,11 @@ class IMEXModule(L.LightningModule):
 
     With an optimizer that evaluates several gradients per step, ``training_step`` runs
     once per evaluation; :attr:`gradient_evaluation` says which (0 = the step's start
-    point). ``self.log`` records only the first, and buffers (BatchNorm statistics) and
-    torchmetrics states keep only the first's updates. ``save_hyperparameters`` stores
-    configs as plain containers, so checkpoints load with ``weights_only=True``.
+    point). As in any LightningModule (:mod:`lightning_imex.multigradient`), ``self.log``
+    records only the first, and buffers (BatchNorm statistics) and torchmetrics states
+    keep only the first's updates; this class adds ``torch.optim.LBFGS`` to that and the
+    ``clipping.nonfinite="skip"`` policy. ``save_hyperparameters`` stores configs as
+    plain containers, so checkpoints load with ``weights_only=True``.
     """
 
     can_skip_steps = True  # clipping.nonfinite="skip" needs an optimizer_step that can undo a step
@@ -74,14 +78,12 @@ class IMEXModule(L.LightningModule):
         self.param_group_config = dict(decay_norm_and_bias=decay_norm_and_bias,
                                        no_weight_decay=tuple(to_plain(no_weight_decay, "no_weight_decay")),
                                        lr_multipliers=to_plain(dict(lr_multipliers or {}), "lr_multipliers"))
-        self._evaluations = StepEvaluations(self)
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients (clipping.nonfinite="skip")
-        self._checked_fit: int | None = None  # id() of the Trainer whose settings were checked
 
     @property
     def gradient_evaluation(self) -> int:
         """Which closure evaluation of the current optimizer step is running (0 first)."""
-        return self._evaluations.index
+        return gradient_evaluation(self)
 
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
                              logger: bool = True) -> None:
@@ -93,6 +95,9 @@ class IMEXModule(L.LightningModule):
         self._hparams_initial = copy.deepcopy(self._hparams)
 
     def configure_optimizers(self) -> Any:
+        trainer = _lightning.attached_trainer(self)
+        if trainer is not None:  # both clipping settings given is an error before any work
+            self.clipping.with_trainer(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         return configure_optimizers(self, self.optimizer_config, self.scheduler_config, **self.param_group_config)
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
@@ -100,27 +105,25 @@ class IMEXModule(L.LightningModule):
         clip_gradients(self, optimizer, self.clipping, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        self._check_fit()  # done by on_fit_start, unless a subclass overrides it without super()
         undoable = self.clipping.nonfinite == "skip"
-        if not self._evaluations.step(optimizer, optimizer_closure, undoable):
+        saved = OptimizerSnapshot(optimizer) if undoable and requires_closure(optimizer) else None
+        hook = _lightning.current_hook(self)
+        try:
+            if isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.LBFGS) and optimizer_closure:
+                check_trainer(self.trainer, optimizer)  # torch's LBFGS calls the closure itself, unadapted
+                with step_calls(self, optimizer_closure) as calls:
+                    optimizer.step(closure=calls)
+            else:
+                optimizer.step(closure=optimizer_closure)
+        except SkipStep:
+            if saved is not None:
+                saved.restore()
+            # Lightning names logged values by the running hook and does not restore the
+            # name when a hook raises; the skipped_steps record belongs to optimizer_step
+            _lightning.set_current_hook(self, hook)
             self.skipped_steps += 1
-        if undoable and self.clipping.log and logs_this_step(self._trainer):
+        if undoable and self.clipping.log and _lightning.logs_this_step(_lightning.attached_trainer(self)):
             self.log("skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-
-    def log(self, *args: Any, **kwargs: Any) -> None:
-        if self._evaluations.index == 0:  # a step's later gradient evaluations log nothing
-            super().log(*args, **kwargs)
-
-    def on_fit_start(self) -> None:
-        self._check_fit()
-
-    def _check_fit(self) -> None:
-        """The multi-gradient guards and the clipping settings, once per fit."""
-        trainer = self.trainer
-        if self._checked_fit != id(trainer):
-            check_fit(trainer)
-            self.clipping.with_trainer(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-            self._checked_fit = id(trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "hyper_parameters" in checkpoint:

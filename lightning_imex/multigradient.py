@@ -1,28 +1,38 @@
-"""Optimizers that call Lightning's training closure more than once per step (IMEX
-trapezoidal, ssp3_433, ars222/ars343; also ``torch.optim.LBFGS``).
+"""Optimizer steps that evaluate the gradient more than once (IMEX trapezoidal,
+ssp3_433, ars222/ars343), right in any LightningModule.
 
-Lightning's automatic optimization hands the optimizer a closure that runs
+Lightning's automatic optimization hands ``optimizer.step`` a closure that runs
 ``training_step`` and ``backward``; such an optimizer calls it once per gradient stage.
-This module checks, when fit starts, the settings under which that silently goes wrong,
-and runs a step so that its later evaluations see the same stochastic loss (random
-generators rewound: the same dropout masks) and leave no trace besides their gradients:
-``self.log`` records once per step (the start point's values), metric objects and
-buffers (BatchNorm running statistics) update once, and the step's output is the first
-evaluation's."""
+``IMEXAdam`` calls it through :func:`lightning_imex.optim.closure.closure_calls`, which
+passes Lightning's closures to :func:`lightning_closure_calls` (the package root
+registers it), so whatever module the user wrote, with or without
+:class:`~lightning_imex.IMEXModule`:
+
+- the settings under which the step would be silently wrong raise
+  :class:`IncompatibleSetupError` before the first step changes anything;
+- the later evaluations see the same random numbers (the same dropout masks) and leave
+  no trace besides their gradients: ``self.log`` records once per step (the start
+  point's values), metric objects and buffers (BatchNorm running statistics) keep only
+  the first evaluation's updates, and the step's output is the first evaluation's."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import random
+import sys
+import weakref
+from typing import Any, Callable, Iterator
 
 import torch
-from lightning.pytorch.loops.optimization.automatic import Closure
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from .clipping import SkipStep
+from . import _lightning
 
-__all__ = ["IncompatibleSetupError", "StepEvaluations", "check_fit", "requires_closure"]
+__all__ = ["IncompatibleSetupError", "StepCalls", "check_trainer", "gradient_evaluation", "lightning_closure_calls",
+           "requires_closure"]
 
 
 class IncompatibleSetupError(RuntimeError):
@@ -37,95 +47,133 @@ def requires_closure(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.LBFGS) or bool(getattr(optimizer, "requires_closure", False))
 
 
-def describe(optimizer: Any) -> str:
+def _describe(optimizer: Any) -> str:
+    optimizer = getattr(optimizer, "optimizer", optimizer)
     tableau = getattr(optimizer, "tableau", None)
     return type(optimizer).__name__ + (f"(tableau={tableau.name!r})" if tableau is not None else "")
 
 
-def check_fit(trainer: Any) -> None:
-    """Raises, before the first step, for settings under which an optimizer that calls
-    the closure several times per step would be silently wrong."""
-    for optimizer in trainer.optimizers:
-        if not requires_closure(optimizer):
-            continue
-        name = describe(optimizer)
-        plugin = trainer.precision_plugin
-        if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
-            raise IncompatibleSetupError(
-                f"{name} evaluates the gradient several times per step, but precision={trainer.precision!r} "
-                "steps through a GradScaler, which calls the optimizer without the closure: use "
-                "precision='bf16-mixed' or '32-true' (or tableau='euler' / reuse_gradient=True)")
-        if any(cls.__name__ == "DeepSpeedStrategy" for cls in type(trainer.strategy).__mro__):
-            raise IncompatibleSetupError(
-                f"{name} evaluates the gradient several times per step, but DeepSpeed steps its engine "
-                "without the closure: use strategy='ddp' or 'fsdp' (or tableau='euler' / reuse_gradient=True)")
-        if trainer.accumulate_grad_batches > 1:
-            raise IncompatibleSetupError(
-                f"{name} evaluates the gradient several times per step on one batch, so "
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} would add its later evaluations "
-                "onto the accumulated gradients: use accumulate_grad_batches=1 with a larger batch (or "
-                "tableau='euler' / reuse_gradient=True)")
+def check_trainer(trainer: Trainer, optimizer: Any) -> None:
+    """Raises :class:`IncompatibleSetupError` for a Trainer setting under which
+    ``optimizer``, if it calls the closure several times per step, would be wrong."""
+    if not requires_closure(optimizer):
+        return
+    name, fix = _describe(optimizer), "(or tableau='euler' / reuse_gradient=True: one gradient per step)"
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+        raise IncompatibleSetupError(
+            f"{name} evaluates the gradient several times per step, but precision={trainer.precision!r} steps "
+            f"through a GradScaler, which calls the optimizer without the closure: use precision='bf16-mixed' "
+            f"or '32-true' {fix}")
+    if any(cls.__name__ == "DeepSpeedStrategy" for cls in type(trainer.strategy).__mro__):
+        raise IncompatibleSetupError(
+            f"{name} evaluates the gradient several times per step, but DeepSpeed steps its engine without the "
+            f"closure: use strategy='ddp' or 'fsdp' {fix}")
+    if trainer.accumulate_grad_batches > 1:
+        raise IncompatibleSetupError(
+            f"{name} evaluates the gradient several times per step on one batch, so accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches} would add its later evaluations onto the accumulated gradients: "
+            f"use accumulate_grad_batches=1 with a larger batch {fix}")
 
 
-class StepEvaluations:
-    """Runs optimizer steps for ``module``, numbering the closure evaluations of each
-    (:attr:`index`, 0 for the first) and undoing the side effects of the later ones."""
+# the step running for each module, for gradient_evaluation()
+_RUNNING: weakref.WeakKeyDictionary[nn.Module, StepCalls] = weakref.WeakKeyDictionary()
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+
+def gradient_evaluation(module: nn.Module) -> int:
+    """Which closure evaluation of ``module``'s current optimizer step is running: 0 for
+    the first (at the step's start point), 1 for the second, ..."""
+    calls = _RUNNING.get(module)
+    return calls.index if calls is not None else 0
+
+
+@contextlib.contextmanager
+def lightning_closure_calls(optimizer: Any, closure: Callable[[], Any]) -> Iterator[Callable[[], Any]]:
+    """The closure adapter for Lightning (:func:`~lightning_imex.optim.closure.closure_calls`):
+    checks the Trainer, then yields a :class:`StepCalls` for the step."""
+    found = _lightning.training_closure(closure)
+    if found is None:  # a closure Lightning did not build (e.g. Fabric's user code)
+        yield closure
+        return
+    module, inner = found
+    trainer = _lightning.attached_trainer(module)
+    if trainer is not None:
+        check_trainer(trainer, optimizer)
+    with step_calls(module, closure, inner) as calls:
+        yield calls
+
+
+@contextlib.contextmanager
+def step_calls(module: LightningModule, closure: Callable[[], Any],
+               inner: Callable[[], Any] | None = None) -> Iterator[StepCalls]:
+    """:class:`StepCalls` of ``closure`` for one step of ``module``; ``inner`` is the
+    Lightning closure within it whose recorded output is the step's (default ``closure``)."""
+    calls = _RUNNING[module] = StepCalls(module, closure, closure if inner is None else inner)
+    try:
+        yield calls
+    finally:
+        del _RUNNING[module]
+        calls.finish()
+
+
+class StepCalls:
+    """Calls ``closure`` once per gradient evaluation of one optimizer step of ``module``
+    (:attr:`index` numbers them), undoing the side effects of all but the first."""
+
+    def __init__(self, module: LightningModule, closure: Callable[[], Any], inner: Callable[[], Any]) -> None:
+        self.module, self.closure, self.inner = module, closure, inner
+        self.index, self.calls = 0, 0
+        self.random: RandomState | None = None
+        self.side_effects: SideEffects | None = None
+        self.first_output: Any = None
+
+    def __call__(self) -> Any:
+        self.index, self.calls = self.calls, self.calls + 1
+        if self.index == 0:
+            self.random = RandomState()
+            try:
+                return self.closure()
+            finally:
+                self.first_output = _lightning.step_output(self.inner)
+        self.random.restore()  # the same dropout masks and augmentations: the same stochastic loss
+        if self.index == 1:  # from here on, buffers and metrics go back to this point
+            self.side_effects = SideEffects(self.module)
+        self.module.__dict__["log"] = _no_log  # shadows LightningModule.log (and log_dict) for this call
+        try:
+            return self.closure()
+        finally:
+            del self.module.__dict__["log"]
+            self.side_effects.restore()
+
+    def finish(self) -> None:
+        """After the step: its output is the first evaluation's."""
+        if self.calls > 1:
+            _lightning.set_step_output(self.inner, self.first_output)
         self.index = 0
 
-    def step(self, optimizer: Any, closure: Callable[[], Any] | None, undoable: bool = False) -> bool:
-        """``optimizer.step(closure)``; with ``undoable``, a :class:`SkipStep` raised
-        during it restores parameters and optimizer state. Returns whether it stepped."""
-        saved = OptimizerSnapshot(optimizer) if undoable and requires_closure(optimizer) else None
-        count, first, side_effects, random = 0, None, None, None
-        # Lightning names logged values by the running hook and does not restore the name
-        # when a hook raises; a skipped step's later logs belong to optimizer_step
-        hook = getattr(self.module, "_current_fx_name", None)
 
-        def evaluation() -> Any:
-            nonlocal count, first, side_effects, random
-            self.index, count = count, count + 1
-            if self.index == 0:
-                random = RandomState()
-            else:  # the same dropout masks and augmentations: the same stochastic loss
-                random.restore()
-            if self.index == 1:  # from here on, buffers and metrics go back to this point
-                side_effects = SideEffects(self.module)
-            try:
-                return closure()
-            finally:
-                if self.index == 0:
-                    first = getattr(closure, "_result", None)
-                else:
-                    side_effects.restore()
-
-        try:
-            optimizer.step(closure=evaluation if closure is not None else None)
-        except SkipStep:
-            if saved is not None:
-                saved.restore()
-            self.module._current_fx_name = hook
-            return False
-        finally:
-            self.index = 0
-            if isinstance(closure, Closure) and count > 1:
-                closure._result = first  # the step's output is its start point's
-        return True
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    """``self.log`` during a step's later gradient evaluations: the step logs its start point's values once."""
 
 
 class RandomState:
-    """The CPU and (initialised) CUDA generators' states."""
+    """The generators a training step may draw from: torch's CPU and (initialised) CUDA
+    generators, Python's ``random`` and NumPy's global one."""
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.python = random.getstate()
+        numpy = sys.modules.get("numpy")
+        self.numpy = numpy.random.get_state() if numpy is not None else None
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            sys.modules["numpy"].random.set_state(self.numpy)
 
 
 class SideEffects:
@@ -133,21 +181,14 @@ class SideEffects:
 
     def __init__(self, module: nn.Module) -> None:
         self.buffers = [(b, b.detach().clone()) for b in module.buffers()]
-        self.metrics = [(m, {name: _copy(getattr(m, name)) for name in m._defaults}, m._update_count, m._computed)
-                        for m in module.modules() if isinstance(m, Metric)]
+        self.metrics = [(m, _lightning.metric_state(m)) for m in module.modules() if isinstance(m, Metric)]
 
     @torch.no_grad()
     def restore(self) -> None:
         for buffer, value in self.buffers:
             buffer.copy_(value)
-        for metric, states, update_count, computed in self.metrics:
-            for name, value in states.items():
-                setattr(metric, name, _copy(value))  # a fresh copy: updates may work in place
-            metric._update_count, metric._computed = update_count, computed
-
-
-def _copy(state: Tensor | list) -> Tensor | list:
-    return state.detach().clone() if isinstance(state, Tensor) else list(state)
+        for metric, saved in self.metrics:
+            _lightning.restore_metric_state(metric, saved)
 
 
 class OptimizerSnapshot:

@@ -1,5 +1,6 @@
-"""Small Lightning fixtures shared by the Lightning tests: a classifier on IMEXModule,
-in-memory data, a quiet Trainer, and the rows a CSVLogger wrote."""
+"""Small Lightning fixtures shared by the Lightning tests: one classifier on IMEXModule, on
+a plain LightningModule and on the factory; in-memory data, a quiet Trainer, and the rows
+a CSVLogger wrote."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from conftest import make_data
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_imex import IMEXModule
+from lightning_imex import IMEXModule, configure_optimizers, gradient_evaluation
+from lightning_imex.optim import IMEXAdam
 
 
-class Classifier(IMEXModule):
-    def __init__(self, hidden: int = 16, batch_norm: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.save_hyperparameters()
+class ClassifierBody:
+    """The network and steps the Lightning tests train, whatever the module's base."""
+
+    def build(self, hidden: int, batch_norm: bool) -> None:
         torch.manual_seed(0)
         norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
         self.net = nn.Sequential(nn.Linear(6, hidden), *norm, nn.Tanh(), nn.Linear(hidden, 3))
@@ -32,7 +34,7 @@ class Classifier(IMEXModule):
         self.calls += 1
         x, y = batch
         loss = F.cross_entropy(self(x), y)
-        if self.poison == (self.trainer.global_step, self.gradient_evaluation):
+        if self.poison == (self.trainer.global_step, gradient_evaluation(self)):
             loss = loss * float("nan")
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         return loss
@@ -40,6 +42,35 @@ class Classifier(IMEXModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+class Classifier(ClassifierBody, IMEXModule):
+    def __init__(self, hidden: int = 16, batch_norm: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.build(hidden, batch_norm)
+
+
+class PlainClassifier(ClassifierBody, L.LightningModule):
+    """A plain LightningModule whose configure_optimizers returns our optimizer itself."""
+
+    def __init__(self, optimizer: dict, hidden: int = 16, batch_norm: bool = False):
+        super().__init__()
+        self.optimizer_spec = dict(optimizer)
+        self.build(hidden, batch_norm)
+
+    def configure_optimizers(self):
+        return IMEXAdam(self.parameters(), **{k: v for k, v in self.optimizer_spec.items() if k != "name"})
+
+
+class FactoryClassifier(PlainClassifier):
+    """A plain LightningModule using the one-line factory."""
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optimizer_spec)
+
+
+MODULE_KINDS = [Classifier, PlainClassifier, FactoryClassifier]
 
 
 def loader(n: int = 64, batch_size: int = 16, seed: int = 1) -> torch.utils.data.DataLoader:

@@ -174,11 +174,16 @@ def test_decay_optimizer_honours_the_groups_ema_schedule(schedule, group, expect
     assert (ema.decay, ema.schedule) == (0.6, "zero_start")
 
 
-def test_one_update_per_optimizer_step_with_accumulation_and_a_multi_evaluation_optimizer():
+@pytest.mark.parametrize("options,evaluations", [
+    (dict(accumulate_grad_batches=2), 2),  # 8 batches for 4 steps
+    (dict(module_options={"lr": 0.05, "tableau": "ssp3_433"}), 3),  # 3 gradients per step on one batch
+])
+def test_one_update_per_optimizer_step_with_accumulation_or_a_multi_evaluation_optimizer(options, evaluations):
     ema = ModelEMA(decay=0.9, schedule="fixed", end_with="raw")
-    module = Net(optimizer="imex_adam", options={"lr": 0.05, "tableau": "trapezoidal"})
-    module, w, _ = fit(ema, steps=4, module=module, accumulate_grad_batches=2)
-    assert module.training_steps > 8  # 8 batches, the trapezoidal rule evaluating each more than once
+    module_options = options.pop("module_options", None)
+    module = Net(optimizer="imex_adam", options=module_options or {"lr": 0.05, "tableau": "euler"})
+    module, w, _ = fit(ema, steps=4, module=module, **options)
+    assert module.training_steps == 4 * evaluations
     assert ema.updates == len(w.after) == 4
     close(ema_flat(ema, module), by_hand(w.initial, w.after, [0.9] * 4))
 

@@ -1,5 +1,7 @@
-"""Optimizers that evaluate several gradients per step, inside Lightning: the fit-start
-guards, and steps whose later evaluations leave no trace besides their gradients."""
+"""Optimizers that evaluate several gradients per step, inside Lightning, whatever the
+module: IMEXModule, a plain LightningModule returning IMEXAdam, the factory, and
+LightningCLI's ``--optimizer``. The fit-start guards, and steps whose later evaluations
+leave no trace besides their gradients."""
 
 import copy
 from types import SimpleNamespace
@@ -11,14 +13,15 @@ import torchmetrics
 from conftest import flat
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lit import Classifier, column, loader, logged_rows, trainer
+from lit import MODULE_KINDS, Classifier, ClassifierBody, PlainClassifier, column, loader, logged_rows, trainer
 from torch.nn import functional as F
 
-from lightning_imex.multigradient import check_fit
+from lightning_imex.multigradient import IncompatibleSetupError, check_trainer
 from lightning_imex.optim import IMEXAdam
 
 TRAPEZOIDAL = {"name": "imex_adam", "lr": 0.01, "tableau": "trapezoidal"}
 REUSE = {**TRAPEZOIDAL, "reuse_gradient": True}
+kinds = pytest.mark.parametrize("kind", MODULE_KINDS, ids=lambda k: k.__name__)
 
 
 def fp16_with_scaler():
@@ -26,22 +29,27 @@ def fp16_with_scaler():
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
 
 
+@kinds
 @pytest.mark.parametrize("options,match", [
     (dict(plugins=[fp16_with_scaler()]), "use precision='bf16-mixed' or '32-true'"),
     (dict(accumulate_grad_batches=2), "accumulate_grad_batches=2 would add its later evaluations"),
 ])
-def test_guards_raise_at_fit_start(options, match):
-    module = Classifier(optimizer=TRAPEZOIDAL)
+def test_guards_raise_before_the_first_step(kind, options, match):
+    """IMEXModule and the factory check when configure_optimizers runs (no training_step
+    yet); an optimizer returned bare checks at its first step, before it moves anything."""
+    module = kind(optimizer=TRAPEZOIDAL)
     before = flat(module)
     with pytest.raises(RuntimeError, match=match):
         trainer(max_steps=2, **options).fit(module, loader())
-    assert module.calls == 0 and torch.equal(flat(module), before)
+    assert module.calls == (1 if kind is PlainClassifier else 0)
+    assert torch.equal(flat(module), before)
 
 
+@kinds
 @pytest.mark.parametrize("options", [dict(plugins=[fp16_with_scaler()]), dict(accumulate_grad_batches=2)])
-@pytest.mark.parametrize("optimizer", [REUSE, {**TRAPEZOIDAL, "tableau": "euler"}])
-def test_one_gradient_per_step_passes_the_guards(options, optimizer):
-    module = Classifier(optimizer=optimizer)
+@pytest.mark.parametrize("optimizer", [REUSE, {**TRAPEZOIDAL, "tableau": "euler"}], ids=["reuse", "euler"])
+def test_one_gradient_per_step_passes_the_guards(kind, options, optimizer):
+    module = kind(optimizer=optimizer)
     before = flat(module)
     trainer(max_steps=2, **options).fit(module, loader())
     assert module.calls == 2 * options.get("accumulate_grad_batches", 1)
@@ -50,12 +58,11 @@ def test_one_gradient_per_step_passes_the_guards(options, optimizer):
 
 def test_deepspeed_guard():
     model = torch.nn.Linear(2, 2)
-    fake = SimpleNamespace(optimizers=[IMEXAdam(model.parameters())], precision_plugin=None, precision="32-true",
-                           strategy=object.__new__(DeepSpeedStrategy), accumulate_grad_batches=1)
-    with pytest.raises(RuntimeError, match="DeepSpeed steps its engine without the closure: use strategy='ddp'"):
-        check_fit(fake)
-    fake.optimizers = [IMEXAdam(model.parameters(), reuse_gradient=True)]
-    check_fit(fake)
+    fake = SimpleNamespace(precision_plugin=None, precision="32-true", strategy=object.__new__(DeepSpeedStrategy),
+                           accumulate_grad_batches=1)
+    with pytest.raises(IncompatibleSetupError, match="DeepSpeed steps its engine without the closure: use strategy"):
+        check_trainer(fake, IMEXAdam(model.parameters()))
+    check_trainer(fake, IMEXAdam(model.parameters(), reuse_gradient=True))
 
 
 class Manual(Classifier):
@@ -106,23 +113,29 @@ class StartLoss(L.Callback):
         self.outputs.append(outputs["loss"].item())
 
 
+@kinds
 @pytest.mark.parametrize("tableau,evaluations", [("trapezoidal", 2), ("ssp3_433", 3)])
-def test_logged_loss_once_per_step_at_the_start_point(tmp_path, tableau, evaluations):
-    module = Classifier(optimizer={**TRAPEZOIDAL, "tableau": tableau})
+def test_logged_loss_once_per_step_at_the_start_point(tmp_path, kind, tableau, evaluations):
+    module = kind(optimizer={**TRAPEZOIDAL, "tableau": tableau})
     start = StartLoss()
     fit = trainer(tmp_path, max_steps=6, callbacks=[start])
     fit.fit(module, loader())
     assert module.calls == 6 * evaluations
-    rows = logged_rows(fit)
+    assert_logged_once_per_step(logged_rows(fit), start, steps=6)
+
+
+def assert_logged_once_per_step(rows, start, steps, per_epoch=4):
     logged = column(rows, "train_loss_step")
-    assert len(logged) == 6  # one row per optimizer step, not per evaluation
+    assert len(logged) == steps  # one row per optimizer step, not per evaluation
     assert logged == pytest.approx(start.losses, abs=1e-6)
     assert start.outputs == pytest.approx(start.losses, abs=1e-6)  # the step's output is its first evaluation's
-    per_epoch = column(rows, "train_loss_epoch")  # mean over the epoch's 4 steps, not over 4 * evaluations
-    assert per_epoch[0] == pytest.approx(sum(start.losses[:4]) / 4, abs=1e-6)
+    epoch_mean = column(rows, "train_loss_epoch")  # mean over the epoch's steps, not over steps * evaluations
+    assert epoch_mean[0] == pytest.approx(sum(start.losses[:per_epoch]) / per_epoch, abs=1e-6)
 
 
-class Counting(Classifier):
+class Counting:
+    """Counts samples with a torchmetrics object; the network has BatchNorm."""
+
     def __init__(self, **kwargs):
         super().__init__(batch_norm=True, **kwargs)
         self.seen = torchmetrics.SumMetric()
@@ -132,22 +145,26 @@ class Counting(Classifier):
         return super().training_step(batch, batch_idx)
 
 
-def test_batchnorm_statistics_and_metrics_update_once_per_step():
-    module = Counting(optimizer=TRAPEZOIDAL)
+@kinds
+def test_batchnorm_statistics_and_metrics_update_once_per_step(kind):
+    module = type("Counting" + kind.__name__, (Counting, kind), {})(optimizer=TRAPEZOIDAL)
     reference = copy.deepcopy(module.net)
     data = loader(n=16, batch_size=16)
+    trainer(max_steps=3).fit(module, data)
+    assert module.calls == 6
+    bn = module.net[1]
+    assert bn.num_batches_tracked.item() == 3  # steps, not evaluations
+    assert module.seen.compute().item() == 3 * 16  # not 6 * 16
+    # the first step's statistics: one forward pass at the start point
+    module = type("Counting" + kind.__name__, (Counting, kind), {})(optimizer=TRAPEZOIDAL)
     trainer(max_steps=1).fit(module, data)
-    assert module.calls == 2
-    reference.train()(data.dataset.tensors[0])  # one forward pass at the start point
-    bn, expected = module.net[1], reference[1]
-    assert torch.equal(bn.running_mean, expected.running_mean)
-    assert torch.equal(bn.running_var, expected.running_var)
-    assert bn.num_batches_tracked.item() == 1
-    assert module.seen.compute().item() == 16  # not 32
+    reference.train()(data.dataset.tensors[0])
+    assert torch.equal(module.net[1].running_mean, reference[1].running_mean)
+    assert torch.equal(module.net[1].running_var, reference[1].running_var)
     assert not torch.equal(module.net[0].weight, reference[0].weight)  # it did step
 
 
-class Noisy(Classifier):
+class Noisy:
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.draws = []
@@ -157,19 +174,31 @@ class Noisy(Classifier):
         return super().training_step(batch, batch_idx)
 
 
-def test_later_evaluations_draw_the_same_random_numbers():
-    module = Noisy(optimizer={**TRAPEZOIDAL, "tableau": "ssp3_433"})
+@kinds
+def test_later_evaluations_draw_the_same_random_numbers(kind):
+    noisy = type("Noisy" + kind.__name__, (Noisy, kind), {})
+    module = noisy(optimizer={**TRAPEZOIDAL, "tableau": "ssp3_433"})
     trainer(max_steps=2).fit(module, loader())
     first, second = module.draws[:3], module.draws[3:]
     assert all(torch.equal(d, first[0]) for d in first) and all(torch.equal(d, second[0]) for d in second)
     assert not torch.equal(first[0], second[0])
-    euler = Noisy(optimizer={**TRAPEZOIDAL, "tableau": "euler"})
+    euler = noisy(optimizer={**TRAPEZOIDAL, "tableau": "euler"})
     trainer(max_steps=2).fit(euler, loader())
     assert torch.equal(euler.draws[1], second[0])  # the random stream advances as with one evaluation
 
 
+def test_same_trajectory_whatever_the_module():
+    """IMEXModule, a bare IMEXAdam and the factory train the same weights."""
+    weights = []
+    for kind in MODULE_KINDS:
+        module = kind(optimizer={**TRAPEZOIDAL, "tableau": "ssp3_433"})
+        trainer(max_steps=5).fit(module, loader())
+        weights.append(flat(module))
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+
+
 class OwnFitStart(Classifier):
-    def on_fit_start(self):  # no super(): the guards still run, at the first optimizer step
+    def on_fit_start(self):  # no super(): the guards do not depend on this hook
         pass
 
 
@@ -179,3 +208,52 @@ def test_guards_hold_when_on_fit_start_is_overridden():
     with pytest.raises(RuntimeError, match="accumulate_grad_batches=2 would add"):
         trainer(max_steps=2, accumulate_grad_batches=2).fit(module, loader())
     assert torch.equal(flat(module), before)
+
+
+def test_lbfgs_in_imex_module_logs_once_per_step(tmp_path):
+    """torch's LBFGS calls the closure itself (several times): IMEXModule adapts it."""
+    module = Classifier(optimizer={"_target_": "torch.optim.LBFGS", "lr": 0.1, "max_iter": 3})
+    start = StartLoss()
+    fit = trainer(tmp_path, max_steps=4, callbacks=[start])
+    fit.fit(module, loader())
+    assert module.calls > 4
+    assert_logged_once_per_step(logged_rows(fit), start, steps=4)
+
+
+class CLIClassifier(ClassifierBody, L.LightningModule):
+    """What a LightningCLI user writes: no configure_optimizers (``--optimizer`` adds one)."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.build(hidden, batch_norm=False)
+
+
+class CLIData(L.LightningDataModule):
+    def train_dataloader(self):
+        return loader()
+
+
+def lightning_cli(tmp_path, *args):
+    from lightning.pytorch.cli import LightningCLI
+
+    defaults = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, log_every_n_steps=1, default_root_dir=str(tmp_path),
+                    logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
+                            "init_args": {"save_dir": str(tmp_path), "name": "", "version": ""}})
+    return LightningCLI(CLIClassifier, CLIData, run=False, save_config_callback=None, trainer_defaults=defaults,
+                        args=["--optimizer", "lightning_imex.optim.IMEXAdam", "--optimizer.lr", "0.01",
+                              "--optimizer.tableau", "trapezoidal", *args])
+
+
+def test_lightning_cli_optimizer(tmp_path):
+    cli = lightning_cli(tmp_path, "--trainer.max_steps", "6")
+    start = StartLoss()
+    cli.trainer.callbacks.append(start)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert isinstance(cli.trainer.optimizers[0], IMEXAdam) and cli.model.calls == 12
+    assert_logged_once_per_step(logged_rows(cli.trainer), start, steps=6)
+    cli = lightning_cli(tmp_path / "accumulate", "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "2")
+    before = flat(cli.model)
+    with pytest.raises(IncompatibleSetupError, match="accumulate_grad_batches=2 would add"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert torch.equal(flat(cli.model), before)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import ElementwiseOptimizer, check_adam_hyperparameters, gradient_flags, number
+from .closure import closure_calls
 from .plan import Plan, build_plan
 from .tableau import TABLEAUX, IMEXTableau, get_tableau
 
@@ -144,6 +145,12 @@ class IMEXAdam(ElementwiseOptimizer):
             return self._evaluate(closure) if closure is not None else None
         plans = [self._plan(g) for g in groups]
         self._check_closure(closure, plans[0])
+        if closure is None or self._closure_needed(plans) is None:
+            return self._step(groups, plans, closure)
+        with closure_calls(self, closure) as calls:  # a framework's closure, made safe to call again
+            return self._step(groups, plans, calls)
+
+    def _step(self, groups: list[dict[str, Any]], plans: list[Plan], closure: Callable[[], Any] | None) -> Any:
         pre_gradient = plans[0].has_pre_gradient_event
         loss = None
         if closure is not None and not pre_gradient:
@@ -172,10 +179,11 @@ class IMEXAdam(ElementwiseOptimizer):
         why = self._closure_needed([plan])
         if why is not None and closure is None:
             raise RuntimeError(
-                f"{why}, so step() needs a closure, e.g.\n"
-                "    def closure():\n        optimizer.zero_grad()\n        loss = loss_fn(model(x), y)\n"
-                "        loss.backward()\n        return loss\n    optimizer.step(closure)\n"
-                "or use tableau='euler' (Adam) or reuse_gradient=True (one gradient per step).")
+                f"{why}, so step() needs a closure that clears the gradients, computes the loss, calls "
+                "backward and returns the loss (optimizer.step(closure)); it got none, as under a GradScaler "
+                "(Lightning precision='16-mixed'), DeepSpeed, or `opt.step()` in Lightning manual optimization: "
+                "pass a closure, use precision='bf16-mixed' or '32-true', or tableau='euler' (Adam) or "
+                "reuse_gradient=True (one gradient per step)")
 
     def _evaluate(self, closure: Callable[[], Any], plan: Plan | None = None) -> Any:
         with torch.enable_grad():
