@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
+from ._lightning import attached_trainer
+from .multigradient import check_trainer
 from .optim import OPTIMIZERS
 
 __all__ = ["SCHEDULERS", "build_optimizer", "build_scheduler", "configure_optimizers", "optimizer_config",
@@ -306,6 +308,9 @@ def configure_optimizers(
     ``warmup_cosine`` without ``total_steps`` spans the whole fit (the trainer's
     estimated optimizer steps, or ``max_epochs`` when ``interval="epoch"``)."""
     opt = build_optimizer(module, optimizer, decay_norm_and_bias, no_weight_decay, lr_multipliers)
+    trainer = attached_trainer(module)
+    if trainer is not None:  # fit is starting: settings a multi-gradient step cannot work under fail now
+        check_trainer(trainer, opt)
     config = scheduler_config(scheduler)
     if config is None:
         return opt
@@ -314,7 +319,7 @@ def configure_optimizers(
 
 def fit_length(module: nn.Module, config: Mapping[str, Any]) -> int | None:
     """Scheduler steps in the attached trainer's fit, if known."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = attached_trainer(module)
     if trainer is None:
         return None
     if config["interval"] == "epoch":
