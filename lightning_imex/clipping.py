@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -150,13 +151,17 @@ def clip_gradients(
     if not params:
         return
     grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, config.norm_type)
+    norms = torch._foreach_norm(grads, config.norm_type)
+    total = torch.nn.utils.get_total_norm(norms, config.norm_type)  # == the norm over all of grads
     logging = config.log and _lightning.logs_this_step(trainer)  # a log costs ~0.3 ms
     if logging:
         module.log("grad_norm", total, on_step=True, on_epoch=False)
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    if config.nonfinite != "ignore" and scaler is None and not torch.isfinite(total):
-        _non_finite(module, params, config.nonfinite, trainer)
+    if config.nonfinite == "skip" or (config.nonfinite == "raise" and not _read_back_later(total.device)):
+        if scaler is None and not torch.isfinite(total):
+            _non_finite(module, params, config.nonfinite, trainer)
+    elif config.nonfinite == "raise" and scaler is None:
+        _watch_non_finite(module, params, norms, trainer)
     clipped = None
     if config.algorithm == "norm":
         torch.nn.utils.clip_grads_with_norm_(params, config.threshold, total)
@@ -175,13 +180,59 @@ def clip_gradients(
 def _non_finite(module: nn.Module, params: list[Tensor], policy: str, trainer: Any) -> None:
     if policy == "skip":
         raise SkipStep
-    names = {id(p): name for name, p in module.named_parameters()}
-    bad = [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in params if not torch.isfinite(p.grad).all()]
+    bad = [i for i, p in enumerate(params) if not torch.isfinite(p.grad).all()]
     step = trainer.global_step if trainer is not None else "?"
-    evaluation = gradient_evaluation(module)
+    _raise_non_finite(module, params, bad, step, gradient_evaluation(module))
+
+
+def _read_back_later(device: torch.device) -> bool:
+    """Whether to check for non-finite gradients without reading them back every step: on
+    an accelerator, where the read-back would stall the host."""
+    return device.type != "cpu"
+
+
+def _syncs_now(trainer: Any) -> bool:
+    """A logged step, every ``log_every_n_steps``, an epoch's last batch or the fit's last step."""
+    return (_lightning.logs_this_step(trainer) or trainer.is_last_batch
+            or trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+            or 0 < trainer.max_steps <= trainer.global_step + 1)
+
+
+# module -> (global step, gradient evaluation, parameter index) of its first non-finite
+# gradient on an accelerator, -1 while none
+_FIRST_NON_FINITE: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
+
+
+def _watch_non_finite(module: nn.Module, params: list[Tensor], norms: list[Tensor], trainer: Any) -> None:
+    """``nonfinite="raise"`` without a host-device round trip per step: the first
+    non-finite gradient is recorded on the device and read back on the steps that sync
+    anyway (those a logger records), every ``log_every_n_steps`` and at an epoch's last
+    batch; the error then names the step and parameter where it happened."""
+    bad = ~torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
+    record = _FIRST_NON_FINITE.get(module)
+    if record is None:
+        record = _FIRST_NON_FINITE[module] = torch.full((3,), -1, dtype=torch.long, device=bad.device)
+    index = bad.long().argmax()  # the first non-finite parameter (0 when none is)
+    step = trainer.global_step if trainer is not None else 0
+    here = torch.stack([torch.full_like(index, step), torch.full_like(index, gradient_evaluation(module)), index])
+    record.copy_(torch.where(bad.any() & (record[0] < 0), here, record))
+    if trainer is not None and not _syncs_now(trainer):
+        return
+    step, evaluation, index = record.tolist()  # the read-back
+    if step >= 0:
+        del _FIRST_NON_FINITE[module]
+        _raise_non_finite(module, params, [index], step, evaluation, seen=trainer.global_step if trainer else None)
+
+
+def _raise_non_finite(module: nn.Module, params: list[Tensor], bad: list[int], step: Any, evaluation: int,
+                      seen: int | None = None) -> None:
+    names = {id(p): name for name, p in module.named_parameters()}
+    name = names.get(id(params[bad[0]]), f"<unnamed {tuple(params[bad[0]].shape)}>")
     where = f" (gradient evaluation {evaluation + 1} of the step)" if evaluation else ""
+    if seen is not None and seen != step:
+        where += f", found at step {seen}"
     raise NonFiniteGradientError(
-        f"non-finite gradient in parameter {bad[0]!r} at global step {step}{where}"
+        f"non-finite gradient in parameter {name!r} at global step {step}{where}"
         + (f" ({len(bad) - 1} more parameters too)" if len(bad) > 1 else "")
         + "; lower the learning rate, check the data and loss, or set clipping.nonfinite='skip'")
 

@@ -13,6 +13,7 @@ from lit import Classifier, column, loader, logged_rows, trainer
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_imex import clipping
 from lightning_imex.clipping import GradientClipping, NonFiniteGradientError, clip_gradients
 from lightning_imex.optim import IMEXAdam
 
@@ -227,6 +228,26 @@ def test_raise_names_parameter_and_step(tableau, evaluation):
     with pytest.raises(NonFiniteGradientError, match=f"non-finite gradient in parameter 'net.0.weight' at global "
                                                      f"step 3{where} \\(3 more parameters too\\)"):
         trainer(max_steps=5).fit(module, loader())
+
+
+@pytest.mark.parametrize("tableau,evaluation", [("euler", 0), ("trapezoidal", 1)])
+def test_raise_on_an_accelerator_reads_back_only_on_syncing_steps(monkeypatch, tableau, evaluation):
+    """As on a GPU (forced here on the CPU): no read-back per step; the first non-finite
+    gradient is recorded on the device and reported at the next logging interval."""
+    monkeypatch.setattr(clipping, "_read_back_later", lambda device: True)
+    reads = []
+    monkeypatch.setattr(clipping, "_syncs_now", lambda trainer: reads.append(trainer.global_step) or
+                        trainer.global_step % 4 == 0)
+    module = Classifier(optimizer={"name": "imex_adam", "lr": 0.01, "tableau": tableau})
+    module.poison = (5, evaluation)
+    where = " \\(gradient evaluation 2 of the step\\)" if evaluation else ""
+    with pytest.raises(NonFiniteGradientError, match=f"parameter 'net.0.weight' at global step 5{where}, "
+                                                     "found at step 8"):
+        trainer(max_steps=12).fit(module, loader())
+    assert reads[-1] == 8
+    module = Classifier(optimizer={"name": "imex_adam", "lr": 0.01, "tableau": tableau})
+    trainer(max_steps=12).fit(module, loader())  # finite: nothing raised, nothing left recorded
+    assert module not in clipping._FIRST_NON_FINITE or clipping._FIRST_NON_FINITE[module][0] == -1
 
 
 def test_ignore_lets_the_non_finite_gradient_through():
