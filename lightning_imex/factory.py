@@ -132,7 +132,7 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """The trainable parameters of ``module`` split into optimizer groups.
 
-    With ``weight_decay`` (``None``: the optimizer takes none), biases, the parameters of
+    With a non-zero ``weight_decay`` (``None``: the optimizer takes none), biases, the parameters of
     normalisation layers and every 1-D parameter get ``weight_decay=0`` unless
     ``decay_norm_and_bias``; so do names matching a ``no_weight_decay`` pattern.
     ``lr_multipliers`` maps name patterns (``fnmatch``, e.g. ``"head.*"``) to a factor on
@@ -150,7 +150,7 @@ def parameter_groups(
                                  f"like {', '.join(repr(n) for n, _ in named[:3])})")
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for name, p in named:
-        exempt = weight_decay is not None and (
+        exempt = bool(weight_decay) and (  # no decay anyway: one group, one kernel batch
             any(fnmatch.fnmatchcase(name, pattern) for pattern in no_weight_decay)
             or (not decay_norm_and_bias and (p.ndim <= 1 or id(p) in norm_params or name.endswith("bias"))))
         factor = next((f for pattern, f in lr_multipliers.items() if fnmatch.fnmatchcase(name, pattern)), 1.0)
