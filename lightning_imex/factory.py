@@ -283,9 +283,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any, total_step
                              "to the fit's length)")
         kwargs["total_steps"] = total_steps
         warmup = kwargs.get("warmup_steps", 0)
-        if warmup >= total_steps:  # a short debug fit (fast_dev_run, limit_train_batches)
-            warnings.warn(f"scheduler.warmup_steps={warmup} is not shorter than this fit ({total_steps} "
-                          f"scheduler steps): warming up over {total_steps - 1}", stacklevel=2)
+        if warmup >= total_steps:  # a short fit (fast_dev_run keeps the warm-up whole: fit_length)
+            from lightning.pytorch.utilities.rank_zero import rank_zero_only
+            if getattr(rank_zero_only, "rank", 0) == 0:  # once under DDP, not once per process
+                warnings.warn(f"scheduler.warmup_steps={warmup} is not shorter than this fit ({total_steps} "
+                              f"scheduler steps): warming up over {total_steps - 1}", stacklevel=2)
             kwargs["warmup_steps"] = total_steps - 1
     return {"scheduler": builder(optimizer, **kwargs), "interval": config["interval"],
             "frequency": config["frequency"], "monitor": config["monitor"], "name": None}
@@ -318,7 +320,10 @@ def configure_optimizers(
 
 
 def fit_length(module: nn.Module, config: Mapping[str, Any]) -> int | None:
-    """Scheduler steps in the attached trainer's fit, if known."""
+    """Scheduler steps in the attached trainer's fit, if known. Under ``fast_dev_run`` (a
+    smoke test of a few steps) at least the warm-up and one step more: the steps taken
+    follow the real run's warm-up rather than one squeezed into the debug fit (and warned
+    about, where the user has nothing to fix)."""
     trainer = attached_trainer(module)
     if trainer is None:
         return None
@@ -327,4 +332,9 @@ def fit_length(module: nn.Module, config: Mapping[str, Any]) -> int | None:
     else:
         total = trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else None
-    return None if total is None else max(1, total // config["frequency"])
+    if total is None:
+        return None
+    total = max(1, total // config["frequency"])
+    if trainer.fast_dev_run:
+        total = max(total, int(config.get("warmup_steps") or 0) + 1)
+    return total

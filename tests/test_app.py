@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
@@ -31,10 +32,22 @@ def config(tmp_path: Path, *overrides: str):
 
 
 def run_app(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``lightning-imex-train`` as a user runs it, in ``tmp_path``."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    """``lightning-imex-train`` as a user runs it, in ``tmp_path`` (warnings shown)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     return subprocess.run([sys.executable, "-m", "lightning_imex.train", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# what Lightning prints on stderr besides warnings: its device lines, why the fit stopped,
+# fast_dev_run's note, and DDP's start
+LIGHTNING_INFO = re.compile(r"(GPU|TPU|HPU) available: |`Trainer\.fit` stopped: |Running in `fast_dev_run` mode|"
+                            r"Initializing distributed: |distributed_backend=|All distributed processes registered|"
+                            r"-{20,}$")
+
+
+def unexpected_lines(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are not Lightning's usual information: warnings, tips."""
+    return [line for line in stderr.splitlines() if line.strip() and not LIGHTNING_INFO.match(line)]
 
 
 @pytest.mark.filterwarnings("ignore::lightning_imex.optim.PositivityWarning")
@@ -73,7 +86,14 @@ def test_default_job_learns_digits(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = float(re.search(r"test/acc\s+([0-9.]+)", result.stdout).group(1))
     assert accuracy >= 0.90, result.stdout
-    assert list(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))  # Hydra's run dir
+    last = list(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))  # Hydra's run dir
+    assert last
+    # quiet: no tip, deprecation or other warning; the summary's FLOPs counted (not 0)
+    assert unexpected_lines(result.stderr) == [], result.stderr
+    assert "Total params" in result.stdout and re.search(r"Total FLOPs: [1-9]", result.stdout)
+    # the epoch as the progress bar and the checkpoint give it (the last one's index)
+    assert torch.load(last[0], weights_only=True)["epoch"] == 19
+    assert "finished at step 420 (epoch 19)" in result.stdout
 
 
 @pytest.mark.slow  # CLI processes: the full tier runs it
@@ -93,6 +113,11 @@ def test_ddp_cpu_runs_two_processes(tmp_path):
     output = result.stdout + result.stderr
     assert "MEMBER: 1/2" in output and "MEMBER: 2/2" in output
     assert "finished at step 4" in result.stdout
+    # every warning once (rank zero's), the fit's own too; the task's logging syncs right
+    warnings = unexpected_lines(result.stderr)
+    assert len(warnings) == len(set(warnings)), result.stderr
+    assert sum("is not shorter than this fit (4 scheduler steps)" in line for line in warnings) == 1, result.stderr
+    assert "sync_dist" not in result.stderr
 
 
 def steps_logged(run_dir: Path) -> list[int]:

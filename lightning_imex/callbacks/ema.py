@@ -1,4 +1,4 @@
-"""``ModelEMA``: an exponential moving average of the model's weights (ALGORITHMS.md
+"""``ModelEMA``: an exponential moving average of the model's weights (docs/algorithms.md,
 sections 1, 4 and 5), updated once per optimizer step in one foreach pass, swapped in for
 validation, test and predict, and checkpointed so that a resumed fit continues exactly."""
 

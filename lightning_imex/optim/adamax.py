@@ -1,4 +1,4 @@
-"""AdaMax: Adam's infinity-norm variant (Kingma & Ba, Algorithm 2; ALGORITHMS.md section 1)."""
+"""AdaMax: Adam's infinity-norm variant (Kingma & Ba, Algorithm 2; docs/algorithms.md, section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AdaMomentum / AdaM3 (Wang et al., arXiv 2106.11514; ALGORITHMS.md section 3)."""
+"""AdaMomentum / AdaM3 (Wang et al., arXiv 2106.11514; docs/algorithms.md, section 3)."""
 
 from __future__ import annotations
 

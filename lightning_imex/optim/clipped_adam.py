@@ -1,4 +1,4 @@
-"""Adam with its update clipped to a trust radius (Ahn & Cutkosky 2024; ALGORITHMS.md section 4)."""
+"""Adam with its update clipped to a trust radius (Ahn & Cutkosky 2024; docs/algorithms.md, section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IMEX Runge-Kutta tableaux as data (ALGORITHMS.md section 2).
+"""IMEX Runge-Kutta tableaux as data (docs/algorithms.md, section 2).
 
 A tableau pairs an explicit Butcher tableau, applied to the moment equations
 ``m' = c1 (grad - m)``, ``v' = c2 (grad^2 - v)``, with an implicit one applied to
