@@ -27,7 +27,7 @@ from ._lightning import attached_trainer
 from .multigradient import check_trainer
 from .optim import OPTIMIZERS
 
-__all__ = ["SCHEDULERS", "build_optimizer", "build_scheduler", "configure_optimizers", "optimizer_config",
+__all__ = ["SCHEDULERS", "WarmupCosine", "build_optimizer", "build_scheduler", "configure_optimizers", "optimizer_config",
            "parameter_groups", "scheduler_config", "to_plain"]
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
@@ -196,15 +196,54 @@ def _constant(optimizer, warmup_steps: int = 0, warmup_start_factor: float = 0.0
     return lr_scheduler.LinearLR(optimizer, warmup_start_factor, 1.0, total_iters=warmup_steps)
 
 
-def _warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0, warmup_start_factor: float = 0.01,
-                   eta_min: float = 0.0):
-    if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"scheduler.warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}")
-    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=eta_min)
-    if warmup_steps == 0:
-        return cosine
-    warmup = lr_scheduler.LinearLR(optimizer, warmup_start_factor, 1.0, total_iters=warmup_steps)
-    return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+class WarmupCosine(lr_scheduler.LRScheduler):
+    """A linear warm-up from ``warmup_start_factor * lr`` to ``lr`` over ``warmup_steps``,
+    then a half cosine down to ``eta_min`` at ``total_steps``, held there after (torch's
+    ``CosineAnnealingLR`` is periodic: it would climb back). The LR is a closed form of
+    the step count, so a resumed fit has exactly the uninterrupted one's.
+
+    A checkpoint keeps its plan: resuming with a longer fit keeps the saved
+    ``total_steps`` (and says so) and holds ``eta_min`` past it; set
+    ``scheduler.total_steps`` to plan a longer run from the start."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 warmup_start_factor: float = 0.01, eta_min: float = 0.0, last_epoch: int = -1) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"scheduler.total_steps must be an integer >= 1, got {total_steps!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"scheduler.warmup_steps must be an integer in [0, total_steps={total_steps}), "
+                             f"got {warmup_steps!r}")
+        if not (_is_real(warmup_start_factor) and 0 < warmup_start_factor <= 1):
+            raise ValueError(f"scheduler.warmup_start_factor must be a number in (0, 1], got {warmup_start_factor!r}")
+        if not (_is_real(eta_min) and 0 <= eta_min < math.inf):
+            raise ValueError(f"scheduler.eta_min must be a finite number >= 0, got {eta_min!r}")
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.warmup_start_factor, self.eta_min = float(warmup_start_factor), float(eta_min)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        return [self.lr_at(self.last_epoch, base) for base in self.base_lrs]
+
+    def lr_at(self, step: int, base: float) -> float:
+        if step < self.warmup_steps:
+            return base * (self.warmup_start_factor + (1 - self.warmup_start_factor) * step / self.warmup_steps)
+        if step >= self.total_steps:
+            return self.eta_min
+        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        return self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("total_steps", self.total_steps)
+        if saved != self.total_steps:
+            warnings.warn(f"scheduler: the checkpoint's warmup_cosine plan ends at step {saved}, this fit's would "
+                          f"at step {self.total_steps}: keeping the checkpoint's (the LR holds eta_min="
+                          f"{self.eta_min:g} after step {saved}); set scheduler.total_steps to plan a longer run",
+                          stacklevel=2)
+        super().load_state_dict(state_dict)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _step(optimizer, step_size: int, gamma: float = 0.1):
@@ -220,7 +259,7 @@ def _plateau(optimizer, mode: str = "min", factor: float = 0.1, patience: int = 
 # name -> (builder, default interval); any other torch.optim.lr_scheduler class also works by name
 SCHEDULERS = {
     "constant": (_constant, "step"),
-    "warmup_cosine": (_warmup_cosine, "step"),
+    "warmup_cosine": (WarmupCosine, "step"),
     "step": (_step, "epoch"),
     "plateau": (_plateau, "epoch"),
 }
@@ -277,7 +316,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any, total_step
         return None
     builder, _ = scheduler_builder(config["name"])
     kwargs = scheduler_kwargs(config)
-    if builder is _warmup_cosine and kwargs.get("total_steps") is None:
+    if builder is WarmupCosine and kwargs.get("total_steps") is None:
         if total_steps is None:
             raise ValueError("scheduler.total_steps is required outside a Trainer (inside one it defaults "
                              "to the fit's length)")

@@ -13,7 +13,8 @@ from lit import Classifier, column, loader, logged_rows, trainer
 from omegaconf import OmegaConf
 from torch import nn
 
-from lightning_imex.factory import build_optimizer, build_scheduler, optimizer_config, parameter_groups
+from lightning_imex.factory import (WarmupCosine, build_optimizer, build_scheduler, optimizer_config,
+                                    parameter_groups)
 from lightning_imex.optim import IMEXAdam
 
 
@@ -160,7 +161,43 @@ def test_warmup_cosine_outside_a_trainer_needs_total_steps():
     with pytest.raises(ValueError, match="scheduler.total_steps is required outside a Trainer"):
         build_scheduler(opt, {"name": "warmup_cosine"})
     config = build_scheduler(opt, {"name": "warmup_cosine", "total_steps": 10, "warmup_steps": 2})
-    assert isinstance(config["scheduler"], torch.optim.lr_scheduler.SequentialLR)
+    assert isinstance(config["scheduler"], WarmupCosine) and config["scheduler"].total_steps == 10
+
+
+def test_warmup_cosine_holds_its_final_value_past_the_end():
+    opt = build_optimizer(Net(), {"name": "adam", "lr": 0.1})
+    schedule = WarmupCosine(opt, total_steps=10, warmup_steps=2, eta_min=0.001)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs[10:] == [0.001] * 20  # torch's CosineAnnealingLR would climb back to 0.1 by step 18
+    assert lrs[2] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_warmup_cosine_resumed_with_a_longer_fit_keeps_its_plan_and_says_so():
+    opt = build_optimizer(Net(), {"name": "adam", "lr": 0.1})
+    planned = WarmupCosine(opt, total_steps=10, warmup_steps=2)
+    for _ in range(6):
+        opt.step()
+        planned.step()
+    longer = WarmupCosine(build_optimizer(Net(), {"name": "adam", "lr": 0.1}), total_steps=40, warmup_steps=2)
+    with pytest.warns(UserWarning, match="plan ends at step 10, this fit's would at step 40: keeping the "
+                                         "checkpoint's"):
+        longer.load_state_dict(planned.state_dict())
+    assert longer.total_steps == 10 and longer.get_last_lr() == planned.get_last_lr()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(total_steps=0), "scheduler.total_steps must be an integer >= 1"),
+    (dict(total_steps=5, warmup_steps=5), r"scheduler.warmup_steps must be an integer in \[0, total_steps=5\)"),
+    (dict(total_steps=5, warmup_start_factor=0.0), r"scheduler.warmup_start_factor must be a number in \(0, 1\]"),
+    (dict(total_steps=5, eta_min=-1.0), "scheduler.eta_min must be a finite number >= 0"),
+])
+def test_warmup_cosine_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WarmupCosine(build_optimizer(Net(), "adam"), **kwargs)
 
 
 def fit_steps(tmp_path, steps, ckpt_path=None):
