@@ -79,6 +79,9 @@ class IMEXModule(L.LightningModule):
                                        no_weight_decay=tuple(to_plain(no_weight_decay, "no_weight_decay")),
                                        lr_multipliers=to_plain(dict(lr_multipliers or {}), "lr_multipliers"))
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients (clipping.nonfinite="skip")
+        # whether the latest optimizer step was skipped: then the LR schedule and ModelEMA
+        # do not advance either (Lightning's global_step does)
+        self.last_step_skipped = False
 
     @property
     def gradient_evaluation(self) -> int:
@@ -108,6 +111,7 @@ class IMEXModule(L.LightningModule):
         undoable = self.clipping.nonfinite == "skip"
         saved = OptimizerSnapshot(optimizer) if undoable and requires_closure(optimizer) else None
         hook = _lightning.current_hook(self)
+        self.last_step_skipped = False
         try:
             if isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.LBFGS) and optimizer_closure:
                 check_trainer(self.trainer, optimizer)  # torch's LBFGS calls the closure itself, unadapted
@@ -122,8 +126,13 @@ class IMEXModule(L.LightningModule):
             # name when a hook raises; the skipped_steps record belongs to optimizer_step
             _lightning.set_current_hook(self, hook)
             self.skipped_steps += 1
+            self.last_step_skipped = True
         if undoable and self.clipping.log and _lightning.logs_this_step(_lightning.attached_trainer(self)):
             self.log("skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if not self.last_step_skipped:  # a skipped step is not a step
+            super().lr_scheduler_step(scheduler, metric)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "hyper_parameters" in checkpoint:

@@ -25,7 +25,8 @@ class ClassifierBody:
         norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
         self.net = nn.Sequential(nn.Linear(6, hidden), *norm, nn.Tanh(), nn.Linear(hidden, 3))
         self.calls = 0
-        self.poison: tuple[int, int] | None = None  # (global step, gradient evaluation) whose loss is NaN
+        self.poison: tuple[int, int] | None = None  # (global step, gradient evaluation) whose loss is poisoned
+        self.poison_value = float("nan")  # what the loss is multiplied by there
 
     def forward(self, x):
         return self.net(x)
@@ -35,7 +36,7 @@ class ClassifierBody:
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         if self.poison == (self.trainer.global_step, gradient_evaluation(self)):
-            loss = loss * float("nan")
+            loss = loss * self.poison_value
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         return loss
 

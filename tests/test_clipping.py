@@ -220,6 +220,40 @@ def test_skip_leaves_parameters_and_optimizer_state_bit_identical(tmp_path, tabl
     assert module.skipped_steps == 1
 
 
+class StepState(L.Callback):
+    """Before every step: the EMA's weights and counters, the LR scheduler's state, the LR."""
+
+    def __init__(self, ema):
+        self.ema, self.seen = ema, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        ema = torch.cat([t.flatten() for t in self.ema.ema]).clone() if self.ema.ema else None
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        self.seen.append((ema, self.ema.updates, scheduler.state_dict(), trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("tableau,evaluation", [("euler", 0), ("trapezoidal", 1)])
+def test_a_skipped_step_moves_neither_the_ema_nor_the_schedule(tableau, evaluation, value):
+    from lightning_imex.callbacks import ModelEMA
+
+    module = Classifier(optimizer={"name": "imex_adam", "lr": 0.01, "tableau": tableau},
+                        scheduler={"name": "warmup_cosine", "warmup_steps": 3},
+                        clipping={"algorithm": "norm", "threshold": 1.0, "nonfinite": "skip"})
+    module.poison, module.poison_value = (3, evaluation), value
+    ema = ModelEMA(decay=0.9, schedule="fixed", end_with="raw")
+    seen = StepState(ema)
+    snapshots = Snapshots()
+    trainer(max_steps=6, callbacks=[ema, seen, snapshots]).fit(module, loader())
+    before, after = seen.seen[3], seen.seen[4]  # around the skipped step 3
+    assert torch.equal(after[0], before[0]) and after[1] == before[1] == 3  # EMA: same weights, same count
+    assert after[2] == before[2] and after[3] == before[3]  # scheduler state and LR unchanged
+    assert torch.equal(snapshots.params[4], snapshots.params[3])
+    assert_same_state(snapshots.states[4], snapshots.states[3])
+    assert seen.seen[5][1] == 4 and seen.seen[5][2]["last_epoch"] == before[2]["last_epoch"] + 1  # then on
+    assert module.skipped_steps == 1
+
+
 @pytest.mark.parametrize("tableau,evaluation", [("euler", 0), ("trapezoidal", 1)])
 def test_raise_names_parameter_and_step(tableau, evaluation):
     module = Classifier(optimizer={"name": "imex_adam", "lr": 0.01, "tableau": tableau})  # raise is the default

@@ -210,6 +210,9 @@ class ModelEMA(L.Callback):
                            batch_idx: int) -> None:
         # global_step counts optimizer steps: with gradient accumulation, or an optimizer that
         # evaluates its closure several times (IMEX), still one update per step
+        if self.ema is not None and getattr(pl_module, "last_step_skipped", False):
+            self.last_step += 1  # a step skipped for non-finite gradients (IMEXModule) is not a step
+            return
         if self.ema is not None and trainer.global_step >= self.last_step + self.update_every:
             self.last_step = trainer.global_step
             self.update(pl_module)
