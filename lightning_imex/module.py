@@ -16,7 +16,8 @@ from lightning.fabric.utilities.data import AttributeDict
 from . import _lightning
 from .clipping import GradientClipping, SkipStep, clip_gradients
 from .factory import configure_optimizers, optimizer_config, scheduler_config, to_plain
-from .multigradient import OptimizerSnapshot, check_trainer, gradient_evaluation, requires_closure, step_calls
+from .multigradient import (OptimizerSnapshot, RandomState, check_trainer, gradient_evaluation, requires_closure,
+                            step_calls)
 
 __all__ = ["IMEXModule"]
 
@@ -56,8 +57,12 @@ class IMEXModule(L.LightningModule):
     point). As in any LightningModule (:mod:`lightning_imex.multigradient`), ``self.log``
     records only the first, and buffers (BatchNorm statistics) and torchmetrics states
     keep only the first's updates; this class adds ``torch.optim.LBFGS`` to that and the
-    ``clipping.nonfinite="skip"`` policy. ``save_hyperparameters`` stores configs as
-    plain containers, so checkpoints load with ``weights_only=True``.
+    ``clipping.nonfinite="skip"`` policy (a skipped step moves neither the parameters,
+    the optimizer state, the LR schedule nor ``ModelEMA``). ``save_hyperparameters``
+    stores configs as plain containers, so checkpoints load with ``weights_only=True``;
+    they also carry the random generators' states, restored when a resumed fit's
+    training starts (dropout draws what the uninterrupted fit drew, as long as the
+    DataLoaders have their own ``generator``).
     """
 
     can_skip_steps = True  # clipping.nonfinite="skip" needs an optimizer_step that can undo a step
@@ -82,6 +87,7 @@ class IMEXModule(L.LightningModule):
         # whether the latest optimizer step was skipped: then the LR schedule and ModelEMA
         # do not advance either (Lightning's global_step does)
         self.last_step_skipped = False
+        self._resumed_random_state: RandomState | None = None
 
     @property
     def gradient_evaluation(self) -> int:
@@ -134,7 +140,19 @@ class IMEXModule(L.LightningModule):
         if not self.last_step_skipped:  # a skipped step is not a step
             super().lr_scheduler_step(scheduler, metric)
 
+    def on_train_start(self) -> None:
+        # after the sanity check and the loaders' setup: the first step draws what the
+        # uninterrupted fit's next step drew
+        if self._resumed_random_state is not None:
+            self._resumed_random_state.restore()
+            self._resumed_random_state = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "random_state" in checkpoint:
+            self._resumed_random_state = RandomState.from_state_dict(checkpoint["random_state"])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["random_state"] = RandomState().state_dict()
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = to_plain(dict(checkpoint["hyper_parameters"]), "hyper-parameter")
             checkpoint.pop("hparams_type", None)

@@ -158,7 +158,8 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
 
 class RandomState:
     """The generators a training step may draw from: torch's CPU and (initialised) CUDA
-    generators, Python's ``random`` and NumPy's global one."""
+    generators, Python's ``random`` and NumPy's global one. :meth:`state_dict` holds
+    only tensors, numbers and strings (a checkpoint that loads with ``weights_only=True``)."""
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
@@ -169,11 +170,34 @@ class RandomState:
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
+        if self.cuda is not None and len(self.cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(self.cuda)
         random.setstate(self.python)
         if self.numpy is not None:
             sys.modules["numpy"].random.set_state(self.numpy)
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.python
+        state = {"torch": self.cpu, "cuda": list(self.cuda or []),
+                 "python": {"version": version, "internal": torch.tensor(internal), "gauss": gauss}}
+        if self.numpy is not None:
+            kind, keys, pos, has_gauss, cached = self.numpy
+            state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": pos,
+                              "has_gauss": has_gauss, "cached_gaussian": cached}
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> RandomState:
+        self = cls.__new__(cls)
+        self.cpu, self.cuda = state["torch"], state["cuda"] or None
+        python = state["python"]
+        self.python = (python["version"], tuple(python["internal"].tolist()), python["gauss"])
+        numpy, saved = sys.modules.get("numpy"), state.get("numpy")
+        self.numpy = None
+        if numpy is not None and saved is not None:
+            self.numpy = (saved["kind"], saved["keys"].numpy().astype(numpy.uint32), saved["pos"],
+                          saved["has_gauss"], saved["cached_gaussian"])
+        return self
 
 
 class SideEffects:

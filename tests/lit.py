@@ -20,10 +20,11 @@ from lightning_imex.optim import IMEXAdam
 class ClassifierBody:
     """The network and steps the Lightning tests train, whatever the module's base."""
 
-    def build(self, hidden: int, batch_norm: bool) -> None:
+    def build(self, hidden: int, batch_norm: bool, dropout: float = 0.0) -> None:
         torch.manual_seed(0)
         norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
-        self.net = nn.Sequential(nn.Linear(6, hidden), *norm, nn.Tanh(), nn.Linear(hidden, 3))
+        drop = [nn.Dropout(dropout)] if dropout else []
+        self.net = nn.Sequential(nn.Linear(6, hidden), *norm, nn.Tanh(), *drop, nn.Linear(hidden, 3))
         self.calls = 0
         self.poison: tuple[int, int] | None = None  # (global step, gradient evaluation) whose loss is poisoned
         self.poison_value = float("nan")  # what the loss is multiplied by there
@@ -46,10 +47,10 @@ class ClassifierBody:
 
 
 class Classifier(ClassifierBody, IMEXModule):
-    def __init__(self, hidden: int = 16, batch_norm: bool = False, **kwargs):
+    def __init__(self, hidden: int = 16, batch_norm: bool = False, dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        self.build(hidden, batch_norm)
+        self.build(hidden, batch_norm, dropout)
 
 
 class PlainClassifier(ClassifierBody, L.LightningModule):
@@ -77,7 +78,9 @@ MODULE_KINDS = [Classifier, PlainClassifier, FactoryClassifier]
 def loader(n: int = 64, batch_size: int = 16, seed: int = 1) -> torch.utils.data.DataLoader:
     x, _ = make_data(seed=seed, n=n)
     y = x[:, :3].argmax(1)  # learnable labels
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+    # its own generator: making an iterator draws no number from the global one
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size,
+                                       generator=torch.Generator())
 
 
 def trainer(tmp_path: Path | None = None, **kwargs) -> L.Trainer:

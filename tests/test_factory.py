@@ -200,8 +200,9 @@ def test_warmup_cosine_bad_values(kwargs, match):
         WarmupCosine(build_optimizer(Net(), "adam"), **kwargs)
 
 
-def fit_steps(tmp_path, steps, ckpt_path=None):
+def fit_steps(tmp_path, steps, ckpt_path=None, dropout=0.0):
     module = Classifier(
+        dropout=dropout,
         optimizer=instantiate(OmegaConf.create({"_target_": "lightning_imex.optim.IMEXAdam", "_partial_": True,
                                                 "lr": 0.01, "tableau": "trapezoidal"})),
         scheduler=OmegaConf.create({"name": "warmup_cosine", "warmup_steps": 3}),
@@ -214,16 +215,19 @@ def fit_steps(tmp_path, steps, ckpt_path=None):
     return module, fit
 
 
-def test_checkpoint_loads_weights_only_and_resumes_exactly(tmp_path):
-    straight, fit = fit_steps(tmp_path / "straight", 8)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_checkpoint_loads_weights_only_and_resumes_exactly(tmp_path, dropout):
+    """With dropout too: the checkpoint carries the random generators' states."""
+    straight, fit = fit_steps(tmp_path / "straight", 8, dropout=dropout)
     path = tmp_path / "straight" / "checkpoints" / "epoch=3-step=4.ckpt"
     checkpoint = torch.load(path, weights_only=True)  # no pickled partials or DictConfigs
     assert checkpoint["hyper_parameters"]["optimizer"]["lr"] == 0.01
     assert "hparams_type" not in checkpoint
     loaded = Classifier.load_from_checkpoint(path, weights_only=True)
     assert loaded.optimizer_config == {"name": "imex_adam", "lr": 0.01, "tableau": "trapezoidal"}
+    assert set(checkpoint["random_state"]) >= {"torch", "python", "numpy"}
     assert torch.equal(loaded.state_dict()["net.0.weight"], checkpoint["state_dict"]["net.0.weight"])
-    resumed, fit = fit_steps(tmp_path / "resumed", 8, ckpt_path=path)
+    resumed, fit = fit_steps(tmp_path / "resumed", 8, ckpt_path=path, dropout=dropout)
     assert fit.global_step == 8
     assert torch.equal(flat(resumed), flat(straight))  # weights, optimizer and schedule state restored
     assert min(column(logged_rows(fit), "step")) >= 4  # the resumed run logged only its own steps
