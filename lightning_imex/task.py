@@ -43,6 +43,17 @@ class SupervisedTask(IMEXModule):
         # the mean loss per sample, as Lightning's own mean of logged tensors (weighted by batch size)
         self.metrics.update({f"{stage}_loss": MeanMetric() for stage in STAGES})
 
+    def logged_metrics(self) -> set[str]:
+        """The names a fit logs (what a callback's or the schedule's ``monitor`` can
+        watch): the training and validation loss and metric, and what
+        :class:`~lightning_imex.IMEXModule` logs under its clipping settings."""
+        names = {"train/loss", "train/loss_step", "train/loss_epoch", f"train/{self.metric_name}", "val/loss",
+                 f"val/{self.metric_name}"}
+        if self.clipping.log:
+            names |= {"grad_norm", "grad_clipped"} if self.clipping.algorithm != "off" else {"grad_norm"}
+            names |= {"skipped_steps"} if self.clipping.nonfinite == "skip" else set()
+        return names
+
     def _metric(self, num_outputs: int) -> Metric:
         if self.task == "classification":
             return Accuracy(task="multiclass", num_classes=num_outputs)

@@ -113,7 +113,7 @@ def test_the_seed_fixes_data_splits_and_shuffle(name, roots):
     assert torch.equal(first_batches[0], first_batches[1]) and not torch.equal(first_batches[0], first_batches[2])
     loader = a.train_dataloader()
     epochs = [torch.cat([x for x, _ in loader]) for _ in range(2)]
-    assert not torch.equal(*epochs)  # each epoch draws a new order from the loader's generator
+    assert not torch.equal(*epochs)  # a plain loop over the loader again: the next epoch, a new order
 
 
 class Indexed(ArrayDataModule):

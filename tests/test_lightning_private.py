@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 import torchmetrics
 from lit import PlainClassifier, loader, trainer
@@ -25,7 +24,7 @@ class Recording(torch.optim.SGD):
 
     def step(self, closure=None):
         found = _lightning.training_closure(closure)
-        loss = closure()
+        closure()
         inner = found[1] if found else None
         self.seen.append((found is not None and found[0] is self.module, _lightning.step_output(inner),
                           _lightning.current_hook(self.module),

@@ -7,6 +7,7 @@ from .base import ArrayDataModule
 from .files import CIFAR10DataModule, MNISTDataModule
 from .generated import (DiabetesDataModule, DigitsDataModule, GaussiansDataModule, Lorenz63DataModule,
                         MNIST1DDataModule, SpiralsDataModule)
+from .resumable import EpochSampler, ResumableDataLoader, epoch_order
 
 DATAMODULES: Mapping[str, type[ArrayDataModule]] = {
     "digits": DigitsDataModule,
@@ -19,4 +20,5 @@ DATAMODULES: Mapping[str, type[ArrayDataModule]] = {
     "cifar10": CIFAR10DataModule,
 }
 
-__all__ = ["DATAMODULES", "ArrayDataModule", *(cls.__name__ for cls in DATAMODULES.values())]
+__all__ = ["DATAMODULES", "ArrayDataModule", "EpochSampler", "ResumableDataLoader", "epoch_order",
+           *(cls.__name__ for cls in DATAMODULES.values())]

@@ -1,6 +1,7 @@
 """What every datamodule of the app shares: arrays in memory, a seeded train/validation
 (and, where the data has none, test) split, standardisation with training statistics,
-and DataLoaders whose shuffling is seeded too."""
+and DataLoaders: the training one shuffled in a seeded order per epoch that a resumed fit
+continues exactly (:mod:`.resumable`), the others in the data's order."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .resumable import EpochSampler, ResumableDataLoader
 
 __all__ = ["ArrayDataModule", "Arrays", "StandardizedDataset"]
 
@@ -69,7 +72,7 @@ class ArrayDataModule(L.LightningDataModule):
     Args:
         batch_size: training and evaluation batch size.
         num_workers: DataLoader worker processes.
-        seed: fixes generated data, the splits and the training shuffle order.
+        seed: fixes generated data, the splits and every epoch's training order.
         val_fraction: share of the training pool held out for validation.
         test_fraction: share of the pool held out for testing (default 0.2); only for
             data without a test set of its own.
@@ -125,15 +128,23 @@ class ArrayDataModule(L.LightningDataModule):
             self.splits[name] = StandardizedDataset(torch.from_numpy(np.ascontiguousarray(stored)),
                                                     torch.from_numpy(ys.astype(target_dtype)), mean, std)
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         self.setup()
-        # a fresh generator per call: every fit sees the same sequence of epoch orders
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(self.splits[split], batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, generator=_own_generator(self.seed))
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled: epoch ``e``'s order is :func:`~lightning_imex.data.resumable.epoch_order`
+        ``(len, seed, e)``, this process's share of it under DDP, and the loader's state in a
+        checkpoint resumes an interrupted epoch at its next batch
+        (:class:`~lightning_imex.data.resumable.ResumableDataLoader`)."""
+        self.setup()
+        dataset = self.splits["train"]
+        loader = ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSampler(dataset, seed=self.seed),
+                                     num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                     generator=_own_generator(self.seed))
+        loader.batches_per_epoch = _limited(len(loader), getattr(self.trainer, "limit_train_batches", None))
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -143,6 +154,23 @@ class ArrayDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def _limited(length: int, limit: Any) -> int | None:
+    """The batches of ``length`` that Lightning's ``limit_train_batches`` lets an epoch
+    use (as Lightning 2.6's ``_parse_num_batches`` counts them), None without a limit."""
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(length, limit)
+    if isinstance(limit, float) and limit != 1.0:
+        return int(length * limit)
+    return None
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator: making an iterator (its workers' base seed) then
+    draws no number from the global one, whose state a checkpoint restores for the
+    training step's own draws (dropout)."""
+    return torch.Generator().manual_seed(seed)
 
 
 def _split(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, fraction: float) -> Arrays:
