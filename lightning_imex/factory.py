@@ -137,6 +137,7 @@ def parameter_groups(
     ``decay_norm_and_bias``; so do names matching a ``no_weight_decay`` pattern.
     ``lr_multipliers`` maps name patterns (``fnmatch``, e.g. ``"head.*"``) to a factor on
     ``lr``; the first matching pattern wins. A pattern matching no parameter is an error."""
+    check_group_options(decay_norm_and_bias, no_weight_decay, lr_multipliers)
     lr_multipliers = dict(lr_multipliers or {})
     for pattern, factor in lr_multipliers.items():
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < math.inf:
@@ -160,6 +161,17 @@ def parameter_groups(
         group["params"].append(p)
         group["param_names"].append(name)
     return list(groups.values())
+
+
+def check_group_options(decay_norm_and_bias: Any, no_weight_decay: Any, lr_multipliers: Any) -> None:
+    """The types of :func:`parameter_groups`' options (plain containers: OmegaConf's
+    converted by :func:`to_plain` first)."""
+    if not isinstance(decay_norm_and_bias, bool):
+        raise TypeError(f"decay_norm_and_bias must be a bool, got {decay_norm_and_bias!r}")
+    if not isinstance(no_weight_decay, (list, tuple)) or not all(isinstance(p, str) for p in no_weight_decay):
+        raise TypeError(f"no_weight_decay must be a list of parameter-name patterns, got {no_weight_decay!r}")
+    if lr_multipliers is not None and not isinstance(lr_multipliers, Mapping):
+        raise TypeError(f"lr_multipliers must be a mapping of name pattern -> factor, got {lr_multipliers!r}")
 
 
 def build_optimizer(
@@ -247,6 +259,10 @@ def _is_real(value: Any) -> bool:
 
 
 def _step(optimizer, step_size: int, gamma: float = 0.1):
+    if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
+        raise ValueError(f"scheduler.step_size must be an integer >= 1, got {step_size!r}")
+    if not (_is_real(gamma) and gamma > 0):
+        raise ValueError(f"scheduler.gamma must be a finite number > 0, got {gamma!r}")
     return lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
 
 
@@ -291,6 +307,11 @@ def scheduler_config(spec: Any) -> dict[str, Any] | None:
         raise ValueError(f"scheduler.monitor is required by {config['name']!r}: the logged metric to watch, "
                          "e.g. 'val_loss'")
     check_keywords(builder, scheduler_kwargs(config), "scheduler", skip=("optimizer",))
+    filled = ("optimizer", "total_steps") if builder is WarmupCosine else ("optimizer",)  # total: the fit's
+    for key, parameter in inspect.signature(builder).parameters.items():
+        if parameter.default is parameter.empty and key not in filled and key != "self" and key not in config \
+                and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise ValueError(f"scheduler.{key} is required by {config['name']!r}")
     return config
 
 

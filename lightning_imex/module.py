@@ -15,7 +15,7 @@ from lightning.fabric.utilities.data import AttributeDict
 
 from . import _lightning
 from .clipping import GradientClipping, SkipStep, clip_gradients
-from .factory import configure_optimizers, optimizer_config, scheduler_config, to_plain
+from .factory import check_group_options, configure_optimizers, optimizer_config, scheduler_config, to_plain
 from .multigradient import (OptimizerSnapshot, RandomState, check_trainer, gradient_evaluation, requires_closure,
                             step_calls)
 
@@ -80,9 +80,11 @@ class IMEXModule(L.LightningModule):
         self.optimizer_config = optimizer_config(optimizer)
         self.scheduler_config = scheduler_config(scheduler)
         self.clipping = GradientClipping.from_config(clipping)
-        self.param_group_config = dict(decay_norm_and_bias=decay_norm_and_bias,
-                                       no_weight_decay=tuple(to_plain(no_weight_decay, "no_weight_decay")),
-                                       lr_multipliers=to_plain(dict(lr_multipliers or {}), "lr_multipliers"))
+        no_weight_decay, lr_multipliers = (to_plain(no_weight_decay, "no_weight_decay"),
+                                           to_plain(lr_multipliers, "lr_multipliers"))
+        check_group_options(decay_norm_and_bias, no_weight_decay, lr_multipliers)
+        self.param_group_config = dict(decay_norm_and_bias=decay_norm_and_bias, no_weight_decay=tuple(no_weight_decay),
+                                       lr_multipliers=dict(lr_multipliers or {}))
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients (clipping.nonfinite="skip")
         # whether the latest optimizer step was skipped: then the LR schedule and ModelEMA
         # do not advance either (Lightning's global_step does)

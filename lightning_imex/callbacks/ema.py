@@ -15,9 +15,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from ..optim.clipped_adam import EMA_SCHEDULES
+
 __all__ = ["EVALUATE", "SCHEDULES", "ModelEMA"]
 
-SCHEDULES = ("fixed", "warmup", "power", "zero_start")
+SCHEDULES = EMA_SCHEDULES
 EVALUATE = ("ema", "raw", "both")
 SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
 RAW_SUFFIX = "_raw"
@@ -86,10 +88,15 @@ class ModelEMA(L.Callback):
         for name, value, low in (("update_every", update_every, 1), ("start_step", start_step, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, value, ok, allowed in (("gamma", gamma, gamma > 0, "> 0"), ("power", power, power > 0, "> 0"),
-                                         ("min_decay", min_decay, 0 <= min_decay < 1, "in [0, 1)")):
-            if not ok:
+        for name, value, ok, allowed in (("gamma", gamma, lambda v: v > 0, "> 0"),
+                                         ("power", power, lambda v: v > 0, "> 0"),
+                                         ("min_decay", min_decay, lambda v: 0 <= v < 1, "in [0, 1)")):
+            if not (_is_number(value) and ok(value)):
                 raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+        for name, value in (("swap_test", swap_test), ("swap_predict", swap_predict),
+                            ("include_buffers", include_buffers)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         try:
             self.device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError):

@@ -15,6 +15,9 @@ from .program import Event, Expr, clamp, runtime, scalar, sqrt, tensor
 
 __all__ = ["ClippedAdam", "CLIP_MODES"]
 
+# the schedules of lightning_imex.callbacks.ModelEMA (which reads this group setting)
+EMA_SCHEDULES = ("fixed", "warmup", "power", "zero_start")
+
 CLIP_MODES = ("coordinate", "global")
 
 
@@ -61,6 +64,8 @@ class ClippedAdam(OnePassOptimizer):
                  clip: str = "coordinate", bias_correction: bool = False, weight_decay: float = 0.0,
                  decoupled_weight_decay: bool = False, maximize: bool = False, *, fused: bool | None = None,
                  ema_schedule: str | None = None) -> None:
+        if ema_schedule is not None and ema_schedule not in EMA_SCHEDULES:
+            raise ValueError(f"ema_schedule must be one of {EMA_SCHEDULES} or None, got {ema_schedule!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, max_update=max_update, clip=clip,
                         bias_correction=bias_correction, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, ema_schedule=ema_schedule)
