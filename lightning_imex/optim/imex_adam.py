@@ -145,7 +145,7 @@ class IMEXAdam(ElementwiseOptimizer):
             return self._evaluate(closure) if closure is not None else None
         plans = [self._plan(g) for g in groups]
         self._check_closure(closure, plans[0])
-        if closure is None or self._closure_needed(plans) is None:
+        if closure is None or not (plans[0].num_closure_calls > 1 or plans[0].has_pre_gradient_event):
             return self._step(groups, plans, closure)
         with closure_calls(self, closure) as calls:  # a framework's closure, made safe to call again
             return self._step(groups, plans, calls)
