@@ -31,8 +31,8 @@ from torchmetrics import Metric
 
 from . import _lightning
 
-__all__ = ["IncompatibleSetupError", "StepCalls", "check_trainer", "gradient_evaluation", "lightning_closure_calls",
-           "requires_closure"]
+__all__ = ["IncompatibleSetupError", "StepCalls", "check_trainer", "gradient_evaluation", "gradient_evaluations_per_step",
+           "lightning_closure_calls", "requires_closure"]
 
 
 class IncompatibleSetupError(RuntimeError):
@@ -45,6 +45,15 @@ def requires_closure(optimizer: Any) -> bool:
     current parameters (so gradients cannot be computed before the step)."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap a LightningOptimizer
     return isinstance(optimizer, torch.optim.LBFGS) or bool(getattr(optimizer, "requires_closure", False))
+
+
+def gradient_evaluations_per_step(optimizer: Any) -> int | None:
+    """Gradient evaluations (closure calls) one ``optimizer.step`` makes: an IMEX tableau's
+    stage count, 1 for a one-gradient optimizer, None where it varies (LBFGS)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return None
+    return int(getattr(optimizer, "gradient_evaluations_per_step", 1))
 
 
 def _describe(optimizer: Any) -> str:

@@ -27,6 +27,7 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import hydra
@@ -451,7 +452,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SupervisedTask, L.Tra
     return built
 
 
-def _build(cfg: DictConfig) -> tuple[L.LightningDataModule, SupervisedTask, L.Trainer]:
+def _build(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
+           ) -> tuple[L.LightningDataModule, SupervisedTask, L.Trainer]:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation and ??? value
         check_seed(cfg.seed)
@@ -491,7 +493,8 @@ def _build(cfg: DictConfig) -> tuple[L.LightningDataModule, SupervisedTask, L.Tr
             check_folder(f"callbacks.{key}.dirpath", getattr(callback, "dirpath", None))
         check_folder("logger.save_dir", getattr(logger, "save_dir", None) if logger else None)
         try:
-            trainer = L.Trainer(**options, callbacks=[*callbacks.values(), _Quiet(), _FitStart()], logger=logger)
+            trainer = L.Trainer(**options, callbacks=[*callbacks.values(), *extra_callbacks, _Quiet(), _FitStart()],
+                                logger=logger)
         except (ValueError, TypeError, ImportError, MisconfigurationException) as error:
             raise ConfigError(_trainer_error(cfg, error)) from error
         module.clipping.with_trainer(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)  # set twice?
@@ -536,10 +539,12 @@ def _hint(cfg: DictConfig, error: BaseException) -> str:
     return message
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = (), print_summary: bool = True
+          ) -> dict[str, float]:
     """Seeds, builds, fits and tests; returns the final metrics. A bad value raises
     :class:`ConfigError` before the fit starts training; Lightning's information lines
-    are held until then (and dropped with the error)."""
+    are held until then (and dropped with the error). ``extra_callbacks`` join the
+    config's (``lightning-imex-compare`` adds its progress bar)."""
     try:
         check_seed(cfg.seed)
     except OmegaConfBaseException as error:
@@ -547,7 +552,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _INFO.held = []
     try:
-        datamodule, module, trainer = _build(cfg)
+        datamodule, module, trainer = _build(cfg, extra_callbacks)
         start = next(c for c in trainer.callbacks if isinstance(c, _FitStart))
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path,
@@ -566,7 +571,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and print_summary:
         print(summary(trainer, metrics, log_dir))
     return metrics
 

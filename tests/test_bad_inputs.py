@@ -103,7 +103,7 @@ def assert_one_line(code, out: str, err: str, fragment: str, folder: Path) -> st
 # the command line: Hydra's composition (main() with a command line)
 
 COMPOSE = [
-    pytest.param(["optimizer=nope"], "optimizer=nope: no such optimizer config; available: adam, adamax",
+    pytest.param(["optimizer=nope"], "optimizer=nope: no such optimizer config; available: adagrad, adam, adamax",
                  id="optimizer-option"),
     pytest.param(["dataset=nope"], "dataset=nope: no such dataset config; available: cifar10", id="dataset-option"),
     pytest.param(["callbacks=[default,nope]"], "callbacks=nope: no such callbacks config; available: checkpoint",
@@ -436,7 +436,7 @@ API = [
     pytest.param(lambda c: build_model({"name": "cnn", "hidden": -1}, (1, 8, 8), 2), "model.hidden", id="cnn-hidden"),
     pytest.param(lambda c: build_model({"name": "cnn", "dropout": 2}, (1, 8, 8), 2), "model.dropout",
                  id="cnn-dropout"),
-    pytest.param(lambda c: build_model({"name": "vgg"}, (1, 8, 8), 2), "model.name", id="model-name"),
+    pytest.param(lambda c: build_model({"name": "nope"}, (1, 8, 8), 2), "model.name", id="model-name"),
     # checkpoints
     pytest.param(lambda c: check_checkpoint(c["missing"], task()), "ckpt_path", id="ckpt-missing"),
     pytest.param(lambda c: check_checkpoint(c["folder"], task()), "ckpt_path", id="ckpt-folder"),

@@ -232,7 +232,7 @@ def check_pytest(args: list[str], where: str) -> None:
 
 
 PYTHONS = ("python", "python3")
-COMMAND_NAMES = {"lightning-imex-train", "pip", "pip3", "pytest", "torchrun", "srun", "source", ".", *PYTHONS}
+COMMAND_NAMES = {"lightning-imex-train", "lightning-imex-compare", "pip", "pip3", "pytest", "torchrun", "srun", "source", ".", *PYTHONS}
 
 
 def check_command(command: list[str], where: str, compose_train) -> None:
@@ -259,12 +259,34 @@ def check_command(command: list[str], where: str, compose_train) -> None:
         check_pytest(args, where)
     elif head == "lightning-imex-train":
         check_train(args, where, compose_train)
+    elif head == "lightning-imex-compare":
+        check_compare(args, where, compose_train)
     elif head == "torchrun" and "-m" in args:  # torchrun [options] -m lightning_imex.train overrides
         i = args.index("-m")
         assert args[i + 1] == "lightning_imex.train", f"{where}: torchrun -m {args[i + 1]}: not checked"
         check_train(args[i + 2:], where, compose_train)
     else:
         pytest.fail(f"{where}: {' '.join(command)!r}: not a command tests/test_readme.py knows how to check")
+
+
+def check_compare(args: list[str], where: str, compose_train) -> None:
+    """A recipe that loads, settings that parse, and overrides that compose with every
+    optimizer's; ``--from``/``--list`` take no recipe."""
+    from lightning_imex.compare import parse_settings
+    from lightning_imex.compare.recipe import RecipeError, load_recipe
+
+    if args[:1] in (["--list"], ["--from"]):
+        assert args[0] == "--list" or len(args) > 1, f"{where}: --from without a folder"
+        return
+    try:
+        recipe, overrides = parse_settings(load_recipe(args[0]), args[1:])
+    except RecipeError as error:
+        pytest.fail(f"{where}: lightning-imex-compare {' '.join(args)}: {error}")
+    for entry in recipe.optimizers:
+        try:
+            compose_train((*recipe.overrides, *entry.overrides, *overrides))
+        except Exception as error:
+            pytest.fail(f"{where}: lightning-imex-compare {' '.join(args)} does not compose: {error}")
 
 
 @pytest.mark.parametrize("block", params("bash"))
@@ -284,6 +306,8 @@ def test_bash_checks_catch_mistakes(compose_train):
         ["lightning-imex-train", "optimizer=nope"],  # no such option
         ["lightning-imex-train", "trainer.no_such_key=1"],  # no such key
         ["lightning-imex-train", "-m", "optimizer=adam,nope"],  # one job of the sweep is wrong
+        ["lightning-imex-compare", "nope"],  # no such recipe
+        ["lightning-imex-compare", "imex_spirals", "trainer.no_such_key=1"],
         ["python", "-m", "pytest", "tests/no_such_test.py"],
         ["make", "all"],  # an unknown command is not waved through
     ]

@@ -126,6 +126,12 @@ class IMEXAdam(ElementwiseOptimizer):
         parameters): false for ``euler`` and with ``reuse_gradient=True``."""
         return self._closure_needed([self._plan(self.param_groups[0])]) is not None
 
+    @property
+    def gradient_evaluations_per_step(self) -> int:
+        """Closure calls one step makes: the tableau's explicit stages, 1 with
+        ``reuse_gradient=True`` (the next step's gradient stands in for the last stage's)."""
+        return self._plan(self.param_groups[0]).num_closure_calls
+
     def _closure_needed(self, plans: list[Plan]) -> str | None:
         plan = plans[0]
         if plan.has_pre_gradient_event:
