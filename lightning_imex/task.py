@@ -1,5 +1,6 @@
 """The module the app trains: a network from ``lightning_imex.models`` on a datamodule's
-classification or regression task, with torchmetrics metrics, on ``IMEXModule``."""
+classification, regression or language-modelling task, with torchmetrics metrics, on
+``IMEXModule``."""
 
 from __future__ import annotations
 
@@ -15,16 +16,27 @@ from .factory import to_plain
 from .models import build_model
 from .module import IMEXModule
 
-__all__ = ["TASKS", "SupervisedTask"]
+__all__ = ["TASKS", "Perplexity", "SupervisedTask"]
 
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "language_model")
 STAGES = ("train", "val", "test")
+METRIC_NAMES = {"classification": "acc", "regression": "mse", "language_model": "ppl"}
+
+
+class Perplexity(MeanMetric):
+    """``exp`` of the mean of the losses it is given (weighted: by the number of tokens
+    each loss averages), i.e. the perplexity of the tokens seen so far. Its state is
+    :class:`~torchmetrics.MeanMetric`'s, summed across processes once, when it computes."""
+
+    def compute(self) -> Tensor:
+        return super().compute().exp()
 
 
 class SupervisedTask(IMEXModule):
-    """Logs ``{stage}/loss`` and ``{stage}/acc`` (classification) or ``{stage}/mse``
-    (regression) for the train, val and test stages; the remaining arguments are
-    :class:`~lightning_imex.IMEXModule`'s.
+    """Logs ``{stage}/loss`` and ``{stage}/acc`` (classification), ``{stage}/mse``
+    (regression) or ``{stage}/ppl`` (language model: the loss is the cross-entropy of
+    every token, the perplexity ``exp`` of its mean over the epoch's tokens) for the train,
+    val and test stages; the remaining arguments are :class:`~lightning_imex.IMEXModule`'s.
 
     Every logged value is a torchmetrics metric: an epoch value is the mean over all
     processes (the metric syncs once, when it computes), while the training loss's step
@@ -36,11 +48,13 @@ class SupervisedTask(IMEXModule):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.save_hyperparameters()
-        self.net = build_model(to_plain(model, "model"), input_shape, num_outputs)
-        self.example_input_array = torch.zeros(1, *input_shape)  # the model summary's sizes and FLOPs
-        self.task, self.metric_name = task, "acc" if task == "classification" else "mse"
+        self.net = build_model(to_plain(model, "model"), input_shape, num_outputs, task)
+        # the model summary's sizes and FLOPs; a language model reads token ids
+        self.example_input_array = torch.zeros(1, *input_shape, dtype=torch.int64 if task == "language_model" else None)
+        self.task, self.metric_name = task, METRIC_NAMES[task]
         self.metrics = nn.ModuleDict({f"{stage}_{self.metric_name}": self._metric(num_outputs) for stage in STAGES})
-        # the mean loss per sample, as Lightning's own mean of logged tensors (weighted by batch size)
+        # the mean loss per sample (per token for a language model), as Lightning's own mean of logged tensors
+        # (weighted by batch size)
         self.metrics.update({f"{stage}_loss": MeanMetric() for stage in STAGES})
 
     def logged_metrics(self) -> set[str]:
@@ -57,7 +71,7 @@ class SupervisedTask(IMEXModule):
     def _metric(self, num_outputs: int) -> Metric:
         if self.task == "classification":
             return Accuracy(task="multiclass", num_classes=num_outputs)
-        return MeanSquaredError()
+        return Perplexity() if self.task == "language_model" else MeanSquaredError()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -65,10 +79,15 @@ class SupervisedTask(IMEXModule):
     def _step(self, batch: Sequence[Tensor], stage: str) -> Tensor:
         x, y = batch
         out = self(x)
-        loss = F.cross_entropy(out, y) if self.task == "classification" else F.mse_loss(out, y)
+        # a language model's (batch, bptt, vocabulary) logits: one classification per token
+        loss = F.mse_loss(out, y) if self.task == "regression" else F.cross_entropy(out.flatten(0, -2), y.flatten())
         metric, mean_loss = self.metrics[f"{stage}_{self.metric_name}"], self.metrics[f"{stage}_loss"]
-        metric(out, y)
-        mean_loss(loss.detach(), weight=y.shape[0])
+        targets = y.numel() if self.task == "language_model" else y.shape[0]  # the batch's weight in the means
+        if self.task == "language_model":
+            metric(loss.detach(), weight=targets)
+        else:
+            metric(out, y)
+        mean_loss(loss.detach(), weight=targets)
         self.log(f"{stage}/loss", mean_loss, on_step=stage == "train", on_epoch=True, prog_bar=True)
         self.log(f"{stage}/{self.metric_name}", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss

@@ -17,11 +17,13 @@ from hydra.core.global_hydra import GlobalHydra
 
 import lightning_imex.train as app
 from lightning_imex.data import DATAMODULES
+from lightning_imex.models import LANGUAGE_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = sorted(p.stem for p in (ROOT / "conf" / "optimizer").glob("*.yaml"))
 IMAGE_DATASETS = {"digits", "mnist", "cifar10"}
-FILE_DATASETS = {"mnist", "cifar10"}  # read from the user's files: covered with synthetic files below
+# read from the user's files: covered with synthetic files below (ptb: in tests/test_language_model.py)
+FILE_DATASETS = {"mnist", "cifar10", "ptb"}
 
 
 def config(tmp_path: Path, *overrides: str):
@@ -59,7 +61,10 @@ def test_every_optimizer_config_runs(tmp_path, optimizer):
 
 
 COMBOS = [(d, m) for d in sorted(DATAMODULES) if d not in FILE_DATASETS
-          for m in ("logreg", "mlp", "cnn", "resnet") if m in ("logreg", "mlp") or d in IMAGE_DATASETS]
+          for m in ("logreg", "mlp", "cnn", "resnet", "vgg", "lstm")
+          # token windows need a language model, which reads nothing else
+          if (DATAMODULES[d].task == "language_model") == (m in LANGUAGE_MODELS)
+          and (m in ("logreg", "mlp", "lstm") or d in IMAGE_DATASETS)]
 
 
 @pytest.mark.parametrize("dataset,model", COMBOS)

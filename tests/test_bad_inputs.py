@@ -150,6 +150,12 @@ BUILD = [
     pytest.param(["model=cnn", "model.channels=[64,0]"], "model.channels[1] is 0", id="cnn-channels"),
     pytest.param(["model=cnn", "model.hidden=-1"], "model.hidden must be an integer >= 1", id="cnn-hidden"),
     pytest.param(["model=cnn", "dataset=spirals"], "model 'cnn' needs image inputs", id="cnn-on-vectors"),
+    pytest.param(["model=vgg", "model.widths=[8,M,M,M,M]"], "model.widths has 4 max poolings ('M'): a 8x8 image "
+                 "allows at most 3", id="vgg-poolings"),
+    pytest.param(["model=lstm"], "model 'lstm' does not fit this dataset's task 'classification'",
+                 id="lstm-on-digits"),
+    pytest.param(["model=lstm", "dataset=pydoc_topics", "model.tie_weights=true", "model.hidden=32"],
+                 "model.tie_weights needs model.embedding == model.hidden", id="lstm-tie-weights"),
     # dataset
     pytest.param(["dataset.batch_size=0"], "dataset.batch_size must be an integer >= 1, got 0", id="batch-size"),
     pytest.param(["dataset.val_fraction=1.5"], "dataset.val_fraction must be a number in [0, 1)", id="val-fraction"),
@@ -158,6 +164,11 @@ BUILD = [
     pytest.param(["dataset=spirals", "+dataset.n_classes=1"], "dataset.n_classes must be an integer >= 2",
                  id="spirals-classes"),
     pytest.param(["dataset=mnist"], "train-images-idx3-ubyte", id="mnist-files"),
+    pytest.param(["dataset=pydoc_topics", "model=lstm", "dataset.bptt=0"],
+                 "dataset.bptt must be an integer >= 1, got 0", id="bptt"),
+    pytest.param(["dataset=pydoc_topics"], "model 'mlp' does not fit this dataset's task 'language_model'",
+                 id="mlp-on-text"),
+    pytest.param(["dataset=ptb", "model=lstm"], "ptb.train.txt", id="ptb-files"),
     # optimizer, schedule, clipping, parameter groups
     pytest.param(["optimizer.lr=-1"], "optimizer.lr must be a finite number >= 0, got -1", id="lr"),
     pytest.param(["optimizer.betas=[1.5,0.9]"], "optimizer.betas[0] must be in [0, 1)", id="betas"),
@@ -413,6 +424,8 @@ API = [
     pytest.param(lambda c: DATAMODULES["spirals"](n_classes=1), "dataset.n_classes", id="data-classes"),
     pytest.param(lambda c: DATAMODULES["lorenz63"](dt=0.0), "dataset.dt", id="data-dt"),
     pytest.param(lambda c: DATAMODULES["mnist"](root=3), "dataset.root", id="data-root"),
+    pytest.param(lambda c: DATAMODULES["pydoc_topics"](bptt=0), "dataset.bptt", id="data-bptt"),
+    pytest.param(lambda c: DATAMODULES["ptb"](max_vocab=1), "dataset.max_vocab", id="data-max-vocab"),
     # models
     pytest.param(lambda c: build_model({"name": "mlp", "hidden": [-5]}, (4,), 2), "model.hidden", id="mlp-negative"),
     pytest.param(lambda c: build_model({"name": "mlp", "hidden": [0]}, (4,), 2), "model.hidden", id="mlp-zero"),
@@ -436,6 +449,10 @@ API = [
     pytest.param(lambda c: build_model({"name": "cnn", "hidden": -1}, (1, 8, 8), 2), "model.hidden", id="cnn-hidden"),
     pytest.param(lambda c: build_model({"name": "cnn", "dropout": 2}, (1, 8, 8), 2), "model.dropout",
                  id="cnn-dropout"),
+    pytest.param(lambda c: build_model({"name": "vgg", "widths": [8, 0]}, (1, 8, 8), 2), "model.widths",
+                 id="vgg-widths"),
+    pytest.param(lambda c: build_model({"name": "lstm", "hidden": 32, "tie_weights": True}, (5,), 2),
+                 "model.tie_weights", id="lstm-tie-weights"),
     pytest.param(lambda c: build_model({"name": "nope"}, (1, 8, 8), 2), "model.name", id="model-name"),
     # checkpoints
     pytest.param(lambda c: check_checkpoint(c["missing"], task()), "ckpt_path", id="ckpt-missing"),

@@ -219,7 +219,7 @@ def test_a_folder_with_other_settings_is_refused(tiny):
 
 @pytest.mark.slow
 def test_a_killed_compare_finishes_only_the_missing_runs(tmp_path):
-    recipe = tiny_recipe(tmp_path, TWO, budget=200)
+    recipe = tiny_recipe(tmp_path, TWO, budget=80)
     out = tmp_path / "out"
     process = run_cli(str(recipe), "--out", str(out), cwd=tmp_path, background=True)
     deadline = time.monotonic() + 240

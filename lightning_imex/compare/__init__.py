@@ -100,9 +100,9 @@ def parse_settings(recipe: Recipe, tokens: Sequence[str]) -> tuple[Recipe, list[
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Compare optimizers on a recipe (a paper's claim) by gradient evaluations and "
-        "wall-clock: every optimizer over the same seeds, initial weights, data order and budget; writes results.md, "
-        "results.csv and plots. A rerun skips finished runs.",
+        prog=PROG, description="Compare optimizers on a recipe (a paper's claim) by gradient evaluations and\n"
+        "wall-clock: every optimizer over the same seeds, initial weights, data order and budget.\n"
+        "Writes results.md, results.csv and plots; a rerun skips finished runs.",
         epilog="examples:\n  lightning-imex-compare imex_spirals\n  lightning-imex-compare imex_spirals seeds=5 "
         "budget=6000 trainer.accelerator=gpu\n  lightning-imex-compare --from multirun/2026-11-23/12-00-00\n\n"
         "recipes: " + ", ".join(recipe_names()), formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .recipe import Recipe
-from .runs import Run, metric_at
+from .runs import Run, loss_at, metric_at
 
 __all__ = ["Comparison", "compare_runs", "higher_is_better", "write_results"]
 
@@ -47,40 +47,47 @@ class Comparison:
 def compare_runs(runs: Sequence[Run], metric: str | None = None, order: Sequence[str] = ()) -> Comparison:
     """Groups runs by label and learning rate, picks each label's learning rate by its
     mean final validation metric, and finds the winner at equal gradient evaluations.
-    Labels come in ``order`` (a recipe's), then alphabetically."""
+    Ties of the metric (a saturated accuracy) are broken by the training loss. Labels
+    come in ``order`` (a recipe's), then alphabetically."""
     metric = metric or _default_metric(runs)
-    better = max if higher_is_better(metric) else min
+    sign = -1.0 if higher_is_better(metric) else 1.0
+
+    def key(values: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
+        """Smaller is better: the mean metric (oriented), then the mean training loss."""
+        return sign * _mean(values) if not math.isnan(_mean(values)) else math.inf, _finite_or_inf(_mean(losses))
+
     rank = {label: i for i, label in enumerate(order)}
     grid: dict[str, dict[float | None, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in sorted(runs, key=lambda r: (rank.get(r.label, len(rank)), r.label, r.lr or 0.0, r.seed)):
         grid[run.label][run.lr].append(run)
-
-    def score(group: list[Run]) -> float:
-        values = [r.final(metric) for r in group if not math.isnan(r.final(metric))]
-        return float(np.mean(values)) if values else math.nan
-
-    chosen = {}
-    for label, by_lr in grid.items():
-        finite = {lr: group for lr, group in by_lr.items() if not math.isnan(score(group))}
-        if finite:
-            lr = better(finite, key=lambda lr: score(finite[lr]))
-        else:
-            lr = next(iter(by_lr))
-        chosen[label] = by_lr[lr]
+    chosen = {label: min(by_lr.values(), key=lambda g: key([r.final(metric) for r in g],
+                                                            [r.final_train_loss for r in g]))
+              for label, by_lr in grid.items()}
     common = min(r.gradient_evaluations for group in chosen.values() for r in group)
-    at_budget = {label: {r.seed: metric_at(r, metric, common) for r in group} for label, group in chosen.items()}
-    means = {label: np.nanmean(list(v.values())) if any(not math.isnan(x) for x in v.values()) else math.nan
+    at_budget = {label: {r.seed: (metric_at(r, metric, common), loss_at(r, common)) for r in group}
+                 for label, group in chosen.items()}
+    means = {label: key([m for m, _ in v.values()], [loss for _, loss in v.values()])
              for label, v in at_budget.items()}
-    ranked = {label: m for label, m in means.items() if not math.isnan(m)}
-    winner = better(ranked, key=ranked.get) if len(ranked) > 1 else None
+    winner = min(means, key=means.get) if len(means) > 1 and min(means.values())[0] < math.inf else None
     seeds = set.intersection(*(set(v) for v in at_budget.values()))
     wins = dict.fromkeys(chosen, 0)
     for seed in seeds:
-        values = {label: at_budget[label][seed] for label in chosen if not math.isnan(at_budget[label][seed])}
-        if len(values) == len(chosen) and len(values) > 1:
-            wins[better(values, key=values.get)] += 1
+        keys = {label: key([at_budget[label][seed][0]], [at_budget[label][seed][1]]) for label in chosen}
+        best = min(keys.values())
+        leaders = [label for label, k in keys.items() if k == best]
+        if len(keys) > 1 and len(leaders) == 1 and best[0] < math.inf:
+            wins[leaders[0]] += 1
     return Comparison(metric=metric, runs=list(runs), chosen=chosen, grid={k: dict(v) for k, v in grid.items()},
                       common_budget=common, winner=winner, wins=wins, seeds_compared=len(seeds))
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _finite_or_inf(value: float) -> float:
+    return math.inf if math.isnan(value) else value
 
 
 def write_results(comparison: Comparison, out: Path, recipe: Recipe | None = None, fairness: str | None = None,
@@ -135,11 +142,12 @@ def _markdown(c: Comparison, recipe: Recipe | None, fairness: str | None, device
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if c.winner:
-        lines += [f"Winner at {int(c.common_budget)} gradient evaluations by mean `{c.metric}`: **{c.winner}** "
-                  f"(best on {c.wins[c.winner]} of {c.seeds_compared} seeds).", ""]
+        lines += [f"Winner at {int(c.common_budget)} gradient evaluations by mean `{c.metric}` (ties broken by the "
+                  f"training loss): **{c.winner}** (best on {c.wins[c.winner]} of {c.seeds_compared} seeds).", ""]
     grids = {label: by_lr for label, by_lr in c.grid.items() if len(by_lr) > 1}
     if grids:
-        lines += ["## Learning-rate grid", "", f"Chosen per optimizer by the mean final `{c.metric}`.", "",
+        lines += ["## Learning-rate grid", "",
+                  f"Chosen per optimizer by the mean final `{c.metric}` (ties broken by the training loss).", "",
                   f"| optimizer | lr | {c.metric} | final train loss |", "|---|---|---|---|"]
         for label, by_lr in grids.items():
             for lr, group in by_lr.items():

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from .recipe import RecipeError
 
-__all__ = ["RUN_RECORD", "Run", "find_runs", "labels_from_overrides", "load_run", "metric_at"]
+__all__ = ["RUN_RECORD", "Run", "find_runs", "labels_from_overrides", "load_run", "loss_at", "metric_at"]
 
 RUN_RECORD = "run.json"  # written when a compare run has finished
 EVALUATIONS, SECONDS, TRAIN_LOSS = "cost/gradient_evaluations", "cost/train_seconds", "train/loss_step"
@@ -33,11 +33,14 @@ class Run:
     steps: int
     gradient_evaluations: int
     train_seconds: float | None
-    final_train_loss: float
     curve: dict[str, np.ndarray]  # "evaluations", "seconds", "loss": one entry per logged training step
     validation: dict[str, np.ndarray]  # "evaluations" and each val/... metric: one entry per validation
     test: dict[str, float]
     record: dict[str, Any] = field(default_factory=dict)  # run.json (compare runs)
+
+    @property
+    def final_train_loss(self) -> float:
+        return loss_at(self, math.inf)
 
     def final(self, metric: str) -> float:
         values = self.validation.get(metric)
@@ -79,13 +82,12 @@ def load_run(folder: Path, label: str | None = None) -> Run:
         validation[key] = np.array([_number(r.get(key)) if _number(r.get(key)) is not None else math.nan
                                     for r in validation_rows])
     test = {k: float(v) for r in rows for k, v in r.items() if k.startswith("test/") and _number(v) is not None}
-    tail = max(1, math.ceil(TAIL * len(train)))
     seconds = curve["seconds"][-1]
     return Run(folder=folder, label=record.get("label") or label or _optimizer_name(folder, config),
                seed=int(config.seed), lr=_lr(config), steps=int(record.get("steps", steps[-1] + 1)),
                gradient_evaluations=int(record.get("gradient_evaluations", curve["evaluations"][-1])),
                train_seconds=record.get("train_seconds", None if math.isnan(seconds) else float(seconds)),
-               final_train_loss=float(np.mean(curve["loss"][-tail:])), curve=curve, validation=validation, test=test,
+               curve=curve, validation=validation, test=test,
                record=record)
 
 
@@ -112,6 +114,15 @@ def metric_at(run: Run, metric: str, evaluations: float) -> float:
         return math.nan
     within = np.nonzero(at <= evaluations * (1 + 1e-9))[0]
     return float(values[within[-1]]) if len(within) else math.nan
+
+
+def loss_at(run: Run, evaluations: float) -> float:
+    """The final training loss as of ``evaluations`` gradient evaluations: the mean over
+    the last 10% of the logged steps within them."""
+    within = run.curve["loss"][run.curve["evaluations"] <= evaluations * (1 + 1e-9)]
+    if not len(within):
+        return math.nan
+    return float(np.mean(within[-max(1, math.ceil(TAIL * len(within))):]))
 
 
 def _metric_rows(folder: Path) -> list[dict[str, str]]:

@@ -1,5 +1,5 @@
 """The app's datasets as LightningDataModules, by name. None is ever downloaded: bundled
-with scikit-learn, generated in code (offline), or read from the user's files."""
+with scikit-learn or Python, generated in code (offline), or read from the user's files."""
 
 from collections.abc import Mapping
 
@@ -8,6 +8,7 @@ from .files import CIFAR10DataModule, MNISTDataModule
 from .generated import (DiabetesDataModule, DigitsDataModule, GaussiansDataModule, Lorenz63DataModule,
                         MNIST1DDataModule, SpiralsDataModule)
 from .resumable import EpochSampler, ResumableDataLoader, epoch_order
+from .text import PTBDataModule, PydocTopicsDataModule, TextDataModule
 
 DATAMODULES: Mapping[str, type[ArrayDataModule]] = {
     "digits": DigitsDataModule,
@@ -18,7 +19,9 @@ DATAMODULES: Mapping[str, type[ArrayDataModule]] = {
     "lorenz63": Lorenz63DataModule,
     "mnist": MNISTDataModule,
     "cifar10": CIFAR10DataModule,
+    "pydoc_topics": PydocTopicsDataModule,
+    "ptb": PTBDataModule,
 }
 
-__all__ = ["DATAMODULES", "ArrayDataModule", "EpochSampler", "ResumableDataLoader", "epoch_order",
+__all__ = ["DATAMODULES", "ArrayDataModule", "EpochSampler", "ResumableDataLoader", "TextDataModule", "epoch_order",
            *(cls.__name__ for cls in DATAMODULES.values())]

@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "AdamCNN", "LogisticRegression", "MLP", "ResNet", "build_model", "model_fields"]
+__all__ = ["LANGUAGE_MODELS", "MODELS", "VGG", "AdamCNN", "LSTMLanguageModel", "LogisticRegression", "MLP", "ResNet",
+           "build_model", "model_fields"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -52,6 +53,20 @@ def _activation(name: str) -> type[nn.Module]:
     if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]
+
+
+def _check_widths(value: Any) -> tuple[int | str, ...]:
+    """VGG's layer list: output channels of a 3x3 convolution, or ``"M"`` for a max pooling."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"model.widths must be a non-empty list of channel counts (integers >= 1) and 'M' (a max "
+                         f"pooling), got {value!r}")
+    for i, width in enumerate(value):
+        if width != "M" and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise ValueError(f"model.widths must be a list of channel counts (integers >= 1) and 'M' (a max pooling), "
+                             f"got {list(value)!r}: model.widths[{i}] is {width!r}")
+    if all(width == "M" for width in value):
+        raise ValueError(f"model.widths needs at least one convolution (a channel count), got {list(value)!r}")
+    return tuple(value)
 
 
 def _image_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
@@ -144,12 +159,82 @@ class ResNet(nn.Sequential):
         super().__init__(*layers)
 
 
-MODELS: Mapping[str, type[nn.Module]] = {"logreg": LogisticRegression, "mlp": MLP, "cnn": AdamCNN, "resnet": ResNet}
+class VGG(nn.Sequential):
+    """A VGG net for small images (Simonyan & Zisserman 2015, as CIFAR versions use it):
+    ``widths`` lists the layers in order, an integer a 3x3 convolution (padding 1) with that
+    many output channels, then BatchNorm (``batch_norm``) and ReLU, ``"M"`` a 2x2 max
+    pooling; then dropout and one linear layer on the flattened features. VGG-11 on
+    CIFAR-10 is ``[64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M]`` (the features
+    end 1x1); each pooling halves the image, so an 8x8 one takes three."""
+
+    def __init__(self, input_shape: Sequence[int], num_outputs: int,
+                 widths: Sequence[int | str] = (64, "M", 128, "M", 256, 256, "M"), batch_norm: bool = True,
+                 dropout: float = 0.0) -> None:
+        widths, dropout = _check_widths(widths), _check_dropout(dropout)
+        batch_norm = _check_bool("batch_norm", batch_norm)
+        in_channels, height, width = _image_shape(input_shape, "vgg")
+        poolings = widths.count("M")
+        if min(height, width) >> poolings == 0:
+            raise ValueError(f"model.widths has {poolings} max poolings ('M'): a {height}x{width} image allows at most "
+                             f"{min(height, width).bit_length() - 1}")
+        layers: list[nn.Module] = []
+        for layer in widths:
+            if layer == "M":
+                layers.append(nn.MaxPool2d(2))
+                height, width = height // 2, width // 2
+                continue
+            layers.append(nn.Conv2d(in_channels, layer, 3, padding=1, bias=not batch_norm))  # BatchNorm has the bias
+            layers += [nn.BatchNorm2d(layer), nn.ReLU()] if batch_norm else [nn.ReLU()]
+            in_channels = layer
+        layers += [nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_channels * height * width, num_outputs)]
+        super().__init__(*layers)
 
 
-def build_model(config: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int) -> nn.Module:
+class LSTMLanguageModel(nn.Module):
+    """A word-level LSTM language model: token embedding, ``layers`` stacked LSTM layers,
+    a linear decoder to the vocabulary; logits shaped ``(batch, bptt, vocabulary)``. Every
+    window starts from a zero state (:mod:`lightning_imex.data.text`). ``dropout`` acts
+    on the embeddings, between LSTM layers and before the decoder (Zaremba et al. 2014);
+    ``tie_weights`` makes the decoder reuse the embedding matrix (Press & Wolf 2017), so it
+    needs ``embedding == hidden``. The AdaMomentum paper's PTB model is embedding 400,
+    hidden 1150 (AWD-LSTM, Merity et al. 2018, whose weight drop is not here)."""
+
+    def __init__(self, input_shape: Sequence[int], num_outputs: int, embedding: int = 64, hidden: int = 64,
+                 layers: int = 1, dropout: float = 0.0, tie_weights: bool = False) -> None:
+        super().__init__()
+        embedding, hidden, layers = (_check_int("embedding", embedding, 1), _check_int("hidden", hidden, 1),
+                                     _check_int("layers", layers, 1))
+        dropout, tie_weights = _check_dropout(dropout), _check_bool("tie_weights", tie_weights)
+        if tie_weights and embedding != hidden:
+            raise ValueError(f"model.tie_weights needs model.embedding == model.hidden (the decoder reuses the "
+                             f"embedding matrix), got embedding {embedding} and hidden {hidden}")
+        if len(input_shape) != 1:
+            raise ValueError(f"model 'lstm' needs token windows (bptt,) from a language-model dataset; this dataset "
+                             f"gives {tuple(input_shape)}")
+        self.embedding = nn.Embedding(num_outputs, embedding)
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(embedding, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.decoder = nn.Linear(hidden, num_outputs)
+        if tie_weights:
+            self.decoder.weight = self.embedding.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        states, _ = self.lstm(self.dropout(self.embedding(tokens)))  # (batch, bptt, hidden), from a zero state
+        return self.decoder(self.dropout(states))
+
+
+MODELS: Mapping[str, type[nn.Module]] = {"logreg": LogisticRegression, "mlp": MLP, "cnn": AdamCNN, "resnet": ResNet,
+                                         "vgg": VGG, "lstm": LSTMLanguageModel}
+# the models of task "language_model" (token ids in, next-token logits per position out); the others map one
+# input to one output (classification, regression)
+LANGUAGE_MODELS = frozenset({"lstm"})
+
+
+def build_model(config: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int,
+                task: str | None = None) -> nn.Module:
     """``MODELS[config["name"]](input_shape, num_outputs, **rest)``; errors name the field
-    and what it allows (one line each)."""
+    and what it allows (one line each). A ``task`` (the datamodule's) is checked against
+    the model: a language model for ``"language_model"``, another model otherwise."""
     if not isinstance(config, Mapping):
         raise TypeError(f"model must be a mapping with a name (one of {sorted(MODELS)}) and its fields, got {config!r}")
     options = dict(config)
@@ -162,6 +247,10 @@ def build_model(config: Mapping[str, Any], input_shape: Sequence[int], num_outpu
             fields = f"allowed: {', '.join(allowed)}" if allowed else f"model {name!r} takes no field besides name"
             raise TypeError(f"model {name!r}: unexpected keyword argument {key!r} (model.{key} is not a field of "
                             f"{name}; {fields})")
+    if task is not None and (task == "language_model") != (name in LANGUAGE_MODELS):
+        needed = (f"use model={' or model='.join(sorted(LANGUAGE_MODELS))}" if task == "language_model"
+                  else "it needs a language-model dataset (token windows)")
+        raise ValueError(f"model {name!r} does not fit this dataset's task {task!r}: {needed}")
     shape = tuple(input_shape)
     if not shape or not all(_is_count(n) for n in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of integers >= 1, got {input_shape!r}")
