@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 __all__ = ["attached_trainer", "current_hook", "logs_this_step", "metric_state", "restore_metric_state",
-           "set_current_hook", "set_step_output", "step_output", "training_closure"]
+           "resume_fit_loop", "set_current_hook", "set_step_output", "step_output", "training_closure"]
 
 
 def training_closure(closure: Callable[[], Any]) -> tuple[LightningModule, Callable[[], Any]] | None:
@@ -81,3 +81,38 @@ def restore_metric_state(metric: Metric, saved: tuple[dict[str, Tensor | list], 
 
 def _copy(state: Tensor | list) -> Tensor | list:
     return state.detach().clone() if isinstance(state, Tensor) else list(state)
+
+
+def resume_fit_loop(trainer: L.Trainer) -> None:
+    """Puts right what Lightning 2.6's fit loop gets wrong when it resumes from a
+    checkpoint, so that the resumed fit goes on as the uninterrupted one did: the same
+    batches, hooks and counters. Called at ``on_train_start``: after the loop's ``reset()``
+    has read the checkpoint's progress, before the first epoch starts.
+
+    * The training loader's state is loaded only by ``setup_data()``, which does nothing
+      when the loader is set up already: ``configure_optimizers`` sets it up, before the
+      checkpoint's loop state is restored, when it asks for
+      ``trainer.estimated_stepping_batches`` in a fit bounded by ``max_epochs`` (as a
+      schedule spanning the fit does). The state would be dropped, and the interrupted
+      epoch trained again from its first batch.
+    * A checkpoint saved after an epoch's last batch (``on_train_batch_end``): ``reset()``
+      counts that epoch finished but keeps the "restarted mid-epoch" stage, so the next
+      epoch would start without ``on_train_epoch_start`` and without counting itself
+      started. A checkpoint saved during that epoch would then read as saved before it:
+      a fit bounded by ``max_epochs`` resumed from it would train the epoch again from its
+      first batch.
+    * A checkpoint saved at an epoch's end (``on_train_epoch_end``, where ModelCheckpoint
+      saves by default) of a fit bounded by ``max_steps``: the loop would finish that
+      epoch a second time, in an empty pass that calls its ``on_train_epoch_end`` hooks
+      again and counts one more epoch processed and one more batch stepped (the loggers'
+      step) with every such resume. Instead the epoch is counted completed and the next
+      one starts afresh, as Lightning does in a fit bounded by ``max_epochs``."""
+    fit_loop = trainer.fit_loop
+    fit_loop._load_combined_loader_states()  # nothing to load if setup_data() did (or no resume)
+    epochs = fit_loop.epoch_progress.current
+    if fit_loop.restarted_mid_epoch and epochs.processed == epochs.started:
+        fit_loop.reset_restart_stage()
+    elif fit_loop.restarted_on_epoch_end:
+        fit_loop.epoch_progress.increment_completed()
+        fit_loop.reset_restart_stage()
+        fit_loop.epoch_loop.restarting = False  # the next epoch from its first batch, not the saved one's end

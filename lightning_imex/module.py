@@ -62,7 +62,9 @@ class IMEXModule(L.LightningModule):
     stores configs as plain containers, so checkpoints load with ``weights_only=True``;
     they also carry the random generators' states, restored when a resumed fit's
     training starts (dropout draws what the uninterrupted fit drew, as long as the
-    DataLoaders have their own ``generator``).
+    DataLoaders have their own ``generator``). A resumed fit also gets its training
+    loader's state and the fit loop's counters and hooks where Lightning 2.6 would lose
+    them (:func:`lightning_imex._lightning.resume_fit_loop`).
     """
 
     can_skip_steps = True  # clipping.nonfinite="skip" needs an optimizer_step that can undo a step
@@ -143,6 +145,9 @@ class IMEXModule(L.LightningModule):
             super().lr_scheduler_step(scheduler, metric)
 
     def on_train_start(self) -> None:
+        trainer = _lightning.attached_trainer(self)
+        if trainer is not None:
+            _lightning.resume_fit_loop(trainer)
         # after the sanity check and the loaders' setup: the first step draws what the
         # uninterrupted fit's next step drew
         if self._resumed_random_state is not None:
@@ -158,3 +163,4 @@ class IMEXModule(L.LightningModule):
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = to_plain(dict(checkpoint["hyper_parameters"]), "hyper-parameter")
             checkpoint.pop("hparams_type", None)
+

@@ -1,6 +1,6 @@
-"""Callbacks the crash tests put into the app (``+callbacks.kill._target_=crash_callbacks.KillAt``,
-with ``tests/`` on ``PYTHONPATH``): they SIGKILL the training process itself, so nothing
-is cleaned up, as when a machine is preempted or OOM-killed."""
+"""Callbacks the crash tests put into the app (``+callbacks.kill._target_=crash_callbacks.KillAt``;
+``tests/fork_runner.py``'s server, in ``tests/``, imports them): they SIGKILL the training
+process itself, so nothing is cleaned up, as when a machine is preempted or OOM-killed."""
 
 from __future__ import annotations
 

@@ -69,3 +69,18 @@ def test_installed_lightning_is_in_the_pinned_range():
     low, high = (tuple(int(x) for x in v.split(".")[:2]) for v in pinned.groups())
     assert low <= version < high
     assert f"lightning {pinned.group(1)}" in (ROOT / "lightning_imex" / "_lightning.py").read_text()
+
+
+def test_the_fit_loop_has_what_resume_fit_loop_uses():
+    """``resume_fit_loop``'s private names (its behaviour is what tests/test_crash_resume.py proves)."""
+    from lightning.pytorch.loops import _FitLoop, _TrainingEpochLoop
+    from lightning.pytorch.loops.progress import _Progress
+
+    for name in ("_load_combined_loader_states", "reset_restart_stage", "restarted_mid_epoch",
+                 "restarted_on_epoch_end"):
+        assert hasattr(_FitLoop, name), name
+    fit_loop = _FitLoop(L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                  enable_model_summary=False))
+    assert isinstance(fit_loop.epoch_progress, _Progress) and hasattr(fit_loop.epoch_progress, "increment_completed")
+    assert isinstance(fit_loop.epoch_loop, _TrainingEpochLoop) and hasattr(fit_loop.epoch_loop, "restarting")
+    assert not fit_loop.restarted_mid_epoch and not fit_loop.restarted_on_epoch_end  # a fresh fit: nothing to fix

@@ -10,7 +10,10 @@ How Lightning (2.6) uses it:
 * The fit loop stores ``state_dict()`` of every training DataLoader that has
   ``state_dict``/``load_state_dict`` in the checkpoint (``loops.fit_loop.state_dict.
   combined_loader``) and, on a resume that restarts an unfinished epoch (or any resume
-  when ``max_steps`` is set), calls ``load_state_dict`` before iterating.
+  when ``max_steps`` is set), calls ``load_state_dict`` before iterating. (Not when the
+  loader was set up before the loops' state was restored, as ``configure_optimizers``
+  asking for ``trainer.estimated_stepping_batches`` in a fit bounded by ``max_epochs``
+  does: ``IMEXModule`` loads it then, when training starts, still before the first batch.)
 * It calls ``set_epoch(epoch)`` on the loader's *sampler* (not on a batch sampler) at the
   start of every epoch, after it has already called ``iter()`` on the loader for the first
   epoch of a fit; the iterator here therefore starts the sampler only at its first
@@ -144,7 +147,8 @@ class ResumableDataLoader(DataLoader):
       ``set_epoch`` said meanwhile; later ``set_epoch`` calls move on from there by as
       many epochs as they move. (Lightning 2.6, resuming a checkpoint saved at an epoch's
       end of a fit bounded by ``max_steps``, passes ``set_epoch`` one more than its own
-      epoch number from then on: taken literally it would skip an epoch's order.)
+      epoch number from then on, which taken literally would skip an epoch's order; an
+      ``IMEXModule`` puts the loop's counters right.)
     * else after ``set_epoch(e)``: epoch ``e`` (Lightning calls it at every epoch's start);
     * else (a plain ``for`` loop): the epoch after the previous one when that one was
       complete, so that every loop sees a new order; otherwise the previous one again,
