@@ -1,10 +1,17 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
+
+# One thread per test process (pytest-xdist runs one per core, and DDP tests start two
+# more): torch's default of a thread per core oversubscribes the cores, and OpenMP's
+# spinning threads then make small steps ten times slower. Subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def make_net(seed: int = 0) -> nn.Module:

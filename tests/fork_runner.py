@@ -51,14 +51,16 @@ class AppServer:
     def wait_ready(self) -> None:
         self._answer(STARTUP)
 
-    def run(self, cwd: Path, args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-        """Runs ``lightning-imex-train *args`` in ``cwd``; raises ``TimeoutError`` (with the
-        run's stderr) if it takes longer than ``timeout`` seconds (the server kills it)."""
+    def run(self, cwd: Path, args: list[str], timeout: float = TIMEOUT, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+        """Runs ``lightning-imex-train *args`` in ``cwd`` (with the environment ``env``, else
+        the server's); raises ``TimeoutError`` (with the run's stderr) if it takes longer
+        than ``timeout`` seconds (the server kills it)."""
         self.requests += 1
         out, err = (self.scratch / f"run-{id(self)}-{self.requests}.{name}" for name in ("stdout", "stderr"))
         out.touch(), err.touch()  # there to read even if the child dies before it opens them
         request = {"cwd": str(cwd), "argv": ["lightning-imex-train", *args], "stdout": str(out), "stderr": str(err),
-                   "timeout": timeout}
+                   "timeout": timeout, "env": None if env is None else {**env, **THREADS}}
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
         answer = self._answer(timeout + 30)
@@ -171,6 +173,9 @@ def run_app(request: dict) -> None:
             os.dup2(opened, fd)
             os.close(opened)
         os.chdir(request["cwd"])
+        if request.get("env") is not None:
+            os.environ.clear()
+            os.environ.update(request["env"])
         sys.argv = request["argv"]
         from lightning_imex.train import main
         try:

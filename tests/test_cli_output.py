@@ -27,7 +27,7 @@ def _installed(module: str) -> bool:
 
 @pytest.mark.slow  # one CLI process
 def test_debug_run_prints_no_warning(tmp_path):
-    result = run_app(tmp_path, "trainer=debug")
+    result = run_app(tmp_path, "trainer=debug", fresh=True)  # a new interpreter: import-time warnings too
     assert result.returncode == 0, result.stderr[-3000:]
     assert unexpected_lines(result.stderr) == [], result.stderr
     assert "finished at step 1 (epoch 0)" in result.stdout

@@ -23,13 +23,18 @@ def imported(modules: str, watched: set[str]) -> list[str]:
     return eval(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def test_layers_import_only_the_layers_before_them():
-    frameworks = {"lightning", "pytorch_lightning", "hydra", "omegaconf"}
-    assert imported("lightning_imex.optim", frameworks) == []
-    assert imported("lightning_imex", frameworks) == []  # its Lightning names load on first use
-    app = {"hydra", "lightning_imex.train", "lightning_imex.config", "lightning_imex.data", "lightning_imex.models",
-           "lightning_imex.task"}
-    assert imported("lightning_imex.module, lightning_imex.callbacks", app) == []
+FRAMEWORKS = {"lightning", "pytorch_lightning", "hydra", "omegaconf"}
+APP = {"hydra", "lightning_imex.train", "lightning_imex.config", "lightning_imex.data", "lightning_imex.models",
+       "lightning_imex.task", "lightning_imex.compare"}
+
+
+@pytest.mark.parametrize("modules,watched", [
+    ("lightning_imex.optim", FRAMEWORKS),
+    ("lightning_imex", FRAMEWORKS),  # its Lightning names load on first use
+    ("lightning_imex.module, lightning_imex.callbacks", APP),
+])
+def test_layers_import_only_the_layers_before_them(modules, watched):
+    assert imported(modules, watched) == []
 
 
 @pytest.mark.filterwarnings("ignore::lightning_imex.optim.PositivityWarning")
