@@ -251,3 +251,16 @@ def test_from_reads_a_multirun_of_the_app(tmp_path):
     assert evaluations == {"adam": [8, 8], "imex_trapezoidal": [16, 16]}  # steps bounded, as the user ran them
     assert comparison.common_budget == 8
     assert len(table((tmp_path / "report" / "results.md").read_text())) == 3
+
+
+def test_a_second_compare_into_a_busy_folder_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = load_recipe(str(tiny_recipe(tmp_path, TWO, seeds=1)))
+    with open(out / ".lock", "w") as lock:  # what a running compare holds
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(RecipeError, match="another lightning-imex-compare is running into this folder"):
+            compare(recipe, out)
+    assert not list(out.glob("runs/*/*/*/run.json"))

@@ -12,12 +12,14 @@ folder. ``--from`` makes the same from existing run folders (a multirun's output
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -46,7 +48,8 @@ def compare(recipe: Recipe, out: Path, overrides: Sequence[str] = ()) -> tuple[C
     runs = plan_runs(recipe, out, overrides)
     out.mkdir(parents=True, exist_ok=True)
     device = device_name()
-    run_all(runs)
+    with _exclusive(out):
+        run_all(runs)
     records = [json.loads((run.folder / RUN_RECORD).read_text()) for run in runs]
     fairness = check_fairness(records)
     metric = task_metric(recipe, runs[0].config)
@@ -55,6 +58,19 @@ def compare(recipe: Recipe, out: Path, overrides: Sequence[str] = ()) -> tuple[C
     (out / SESSION).write_text(json.dumps(session, indent=1))
     comparison = compare_runs([load_run(run.folder) for run in runs], metric, [e.name for e in recipe.optimizers])
     return comparison, write_results(comparison, out, recipe, fairness, device)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Holds ``out/.lock`` while runs train: a second compare into the same folder would
+    delete and redo the first one's unfinished runs. The lock ends with the process."""
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecipeError(f"{out}: another lightning-imex-compare is running into this folder; wait for it "
+                              "or use --out") from None
+        yield
 
 
 def compare_from(folders: Sequence[str | Path], out: Path | None = None, metric: str | None = None
