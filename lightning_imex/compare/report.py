@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import platform
 from collections import defaultdict
 from collections.abc import Sequence
@@ -176,7 +177,7 @@ def _csv(c: Comparison, path: Path) -> None:
                              "metric": c.metric, "metric_value": run.final(c.metric),
                              "metric_at_common_budget": metric_at(run, c.metric, c.common_budget),
                              "test_metrics": " ".join(f"{k}={v:.6g}" for k, v in sorted(run.test.items())),
-                             "folder": str(run.folder)})
+                             "folder": os.path.relpath(run.folder, path.parent)})
 
 
 def _plots(c: Comparison, out: Path) -> list[Path]:
