@@ -152,3 +152,34 @@ def test_a_kill_while_saving_leaves_the_last_checkpoint_loadable(app, tmp_path):
     assert checkpoint["global_step"] == EVERY  # writes: step 5 (top-k file, last), step 10 (top-k, LAST)
     run(app, folder, *config, f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}", status=0)
     assert final(folder)["global_step"] == STEPS
+
+
+OPTIMIZERS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "optimizer").glob("*.yaml"))
+SHORT = ("trainer.max_steps=20", "trainer.max_epochs=-1", *EVERY_STEPS)
+
+
+@pytest.mark.slow
+def test_every_optimizer_resumes_bit_identical_after_a_kill(app, tmp_path):
+    """Every optimizer config of the app, with the EMA: killed mid-epoch (step 13, after
+    the checkpoint at step 10) and resumed, it ends where the uninterrupted run ends."""
+    def pair(name: str) -> tuple[dict, dict]:
+        config = (f"optimizer={name}", *SHORT)
+        straight, chain = tmp_path / name / "straight", tmp_path / name / "chain"
+        straight.mkdir(parents=True), chain.mkdir(parents=True)
+        run(app, straight, *config, status=0)
+        run(app, chain, *config, "+callbacks.kill._target_=crash_callbacks.KillAt", "+callbacks.kill.step=13",
+            status=-9)
+        run(app, chain, *config, f"ckpt_path={chain / 'checkpoints' / 'last.ckpt'}", status=0)
+        return compared(final(straight)), compared(final(chain))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(OPTIMIZERS, pool.map(pair, OPTIMIZERS)))
+    differences = []
+    for name, (straight, resumed) in results.items():
+        assert straight["global_step"] == 20
+        try:
+            assert_same(straight, resumed, f"optimizer={name} killed at 13: checkpoint")
+        except AssertionError as difference:
+            differences.append(str(difference).splitlines()[0])
+    if differences:
+        pytest.fail("\n".join(differences))
