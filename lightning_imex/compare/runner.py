@@ -106,7 +106,7 @@ def plan_runs(recipe: Recipe, out: Path, user_overrides: Sequence[str] = ()) -> 
             try:
                 app.build(probe)
             except app.ConfigError as error:
-                raise RecipeError(f"optimizer {entry.name}: {error}") from error
+                raise RecipeError(f"recipe {recipe.name}, optimizer {entry.name}: {error}") from error
         per_step = _evaluations_per_step(probe, entry.name)
         steps = recipe.budget // per_step
         if steps < 1:
