@@ -11,6 +11,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from .. import _lightning
+
 __all__ = ["DIGESTED_BATCHES", "TrainingCost"]
 
 DIGESTED_BATCHES = 16  # the first training batches whose contents are fingerprinted
@@ -22,8 +24,10 @@ class TrainingCost(L.Callback):
     training step as ``cost/gradient_evaluations`` and ``cost/train_seconds``.
 
     The seconds are the wall-clock of the training batches (forward, backward, optimizer
-    step); data loading between batches and validation are left out. On CUDA each batch
-    ends with a synchronisation, so that the time is the kernels' and not the launches'.
+    step); data loading between batches and validation are left out. On CUDA the batches
+    the loggers record, and the fit's end, wait for the device, so that the time logged is
+    the kernels' and not the launches' (the batches in between do not: a synchronisation
+    per step would slow the training it measures).
     Both counters (and the digests below) are checkpointed: a resumed fit goes on counting.
 
     For checking a comparison's fairness, :attr:`initial_weights` is a digest of the
@@ -53,13 +57,19 @@ class TrainingCost(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if pl_module.device.type == "cuda":
+        if pl_module.device.type == "cuda" and _lightning.logs_this_step(trainer):
             torch.cuda.synchronize(pl_module.device)
         if self._batch_start is not None:
             self.train_seconds += time.perf_counter() - self._batch_start
             self._batch_start = None
         pl_module.log("cost/gradient_evaluations", float(self.gradient_evaluations), on_step=True, on_epoch=False)
         pl_module.log("cost/train_seconds", self.train_seconds, on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":  # the last batches' kernels, still queued
+            start = time.perf_counter()
+            torch.cuda.synchronize(pl_module.device)
+            self.train_seconds += time.perf_counter() - start
 
     def state_dict(self) -> dict[str, Any]:
         return {"gradient_evaluations": self.gradient_evaluations, "train_seconds": self.train_seconds,
