@@ -129,12 +129,19 @@ def test_killed_and_resumed_runs_end_bit_identical(app, tmp_path):
     with ThreadPoolExecutor(2) as pool:  # the chains first: they take longest
         chains = {name: pool.submit(crash_and_resume, app, tmp_path / name / "chain", name) for name in CONFIGS}
         straights = {name: pool.submit(straight_run, app, tmp_path / name / "straight", name) for name in CONFIGS}
-    differences = []
     for name in CONFIGS:
-        straight, resumed, steps = straights[name].result(), chains[name].result(), kill_steps(name)
+        straight = straights[name].result()
         assert straight["global_step"] == STEPS and straight["epoch"] == STEPS // STEPS_PER_EPOCH - 1
+    assert_all_same({f"{name} killed at {kill_steps(name)}": (straights[name].result(), chains[name].result())
+                     for name in CONFIGS})
+
+
+def assert_all_same(pairs: dict[str, tuple[dict, dict]]) -> None:
+    """Every (uninterrupted, resumed) pair equal; fails listing every difference."""
+    differences = []
+    for where, (straight, resumed) in pairs.items():
         try:
-            assert_same(straight, resumed, f"{name} killed at {steps}: checkpoint")
+            assert_same(straight, resumed, f"{where}: checkpoint")
         except AssertionError as difference:
             differences.append(str(difference).splitlines()[0])
     if differences:
@@ -174,12 +181,5 @@ def test_every_optimizer_resumes_bit_identical_after_a_kill(app, tmp_path):
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(OPTIMIZERS, pool.map(pair, OPTIMIZERS)))
-    differences = []
-    for name, (straight, resumed) in results.items():
-        assert straight["global_step"] == 20
-        try:
-            assert_same(straight, resumed, f"optimizer={name} killed at 13: checkpoint")
-        except AssertionError as difference:
-            differences.append(str(difference).splitlines()[0])
-    if differences:
-        pytest.fail("\n".join(differences))
+    assert all(straight["global_step"] == 20 for straight, _ in results.values())
+    assert_all_same({f"optimizer={name} killed at 13": pair for name, pair in results.items()})

@@ -12,6 +12,7 @@ import torch
 
 from lightning_imex.data import DATAMODULES, ArrayDataModule, CIFAR10DataModule, Lorenz63DataModule, MNISTDataModule
 from lightning_imex.data.generated import lorenz63_rk4
+from lightning_imex.data.text import PTBDataModule
 
 FILES = ("mnist", "cifar10")
 # the datamodules of arrays; the language-model ones (token windows) are tested in tests/test_language_model.py
@@ -296,7 +297,8 @@ def test_cifar10_reads_python_batches(tmp_path, layout):
     np.testing.assert_array_equal(y_test, batches["test_batch"][b"labels"])
 
 
-@pytest.mark.parametrize("cls,folder", [(MNISTDataModule, "MNIST/raw"), (CIFAR10DataModule, "cifar-10-batches-py")])
+@pytest.mark.parametrize("cls,folder", [(MNISTDataModule, "MNIST/raw"), (CIFAR10DataModule, "cifar-10-batches-py"),
+                                        (PTBDataModule, "simple-examples/data")])
 def test_missing_files_name_the_files_and_the_folders(tmp_path, cls, folder):
     root = tmp_path / "nowhere"
     dm = cls(root=str(root))  # construction reads nothing

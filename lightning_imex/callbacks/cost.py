@@ -21,7 +21,8 @@ DIGESTED_BATCHES = 16  # the first training batches whose contents are fingerpri
 class TrainingCost(L.Callback):
     """Counts gradient evaluations (backward passes: one per closure call, whatever the
     optimizer) and the seconds spent in training steps, and logs both with every
-    training step as ``cost/gradient_evaluations`` and ``cost/train_seconds``.
+    training step the loggers record (``log_every_n_steps``) as
+    ``cost/gradient_evaluations`` and ``cost/train_seconds``.
 
     The seconds are the wall-clock of the training batches (forward, backward, optimizer
     step); data loading between batches and validation are left out. On CUDA the batches
@@ -57,13 +58,15 @@ class TrainingCost(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if pl_module.device.type == "cuda" and _lightning.logs_this_step(trainer):
+        logged = _lightning.logs_this_step(trainer)
+        if logged and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         if self._batch_start is not None:
             self.train_seconds += time.perf_counter() - self._batch_start
             self._batch_start = None
-        pl_module.log("cost/gradient_evaluations", float(self.gradient_evaluations), on_step=True, on_epoch=False)
-        pl_module.log("cost/train_seconds", self.train_seconds, on_step=True, on_epoch=False)
+        if logged:  # self.log costs as much as a small model's step: only where the loggers write
+            pl_module.log("cost/gradient_evaluations", float(self.gradient_evaluations), on_step=True, on_epoch=False)
+            pl_module.log("cost/train_seconds", self.train_seconds, on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":  # the last batches' kernels, still queued

@@ -82,8 +82,12 @@ def compare_runs(runs: Sequence[Run], metric: str | None = None, order: Sequence
                       common_budget=common, winner=winner, wins=wins, seeds_compared=len(seeds))
 
 
+def _finite(values: Sequence[float | None]) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
+    finite = _finite(values)
     return float(np.mean(finite)) if finite else math.nan
 
 
@@ -110,7 +114,7 @@ def _default_metric(runs: Sequence[Run]) -> str:
 
 
 def _mean_std(values: Sequence[float], digits: int = 4) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    values = _finite(values)
     if not values:
         return "n/a"
     mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
