@@ -15,8 +15,9 @@ from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["attached_trainer", "current_hook", "logs_this_step", "metric_state", "restore_metric_state",
-           "resume_fit_loop", "set_current_hook", "set_step_output", "step_output", "training_closure"]
+__all__ = ["attached_trainer", "current_hook", "loaded_checkpoint", "logs_this_step", "metric_state",
+           "restore_metric_state", "resume_fit_loop", "set_current_hook", "set_model_parallel_sizes",
+           "set_step_output", "step_output", "training_closure"]
 
 
 def training_closure(closure: Callable[[], Any]) -> tuple[LightningModule, Callable[[], Any]] | None:
@@ -51,6 +52,12 @@ def attached_trainer(module: Any) -> Trainer | None:
     return getattr(module, "_trainer", None)
 
 
+def loaded_checkpoint(trainer: Trainer) -> dict[str, Any] | None:
+    """The checkpoint a fit resumes from, while its setup runs (``configure_optimizers``
+    included, unless the strategy restores after setting up); None otherwise."""
+    return trainer._checkpoint_connector._loaded_checkpoint or None
+
+
 def current_hook(module: LightningModule) -> str | None:
     """The hook Lightning names ``self.log`` records after."""
     return module._current_fx_name
@@ -83,7 +90,7 @@ def _copy(state: Tensor | list) -> Tensor | list:
     return state.detach().clone() if isinstance(state, Tensor) else list(state)
 
 
-def resume_fit_loop(trainer: L.Trainer) -> None:
+def resume_fit_loop(trainer: Trainer) -> None:
     """Puts right what Lightning 2.6's fit loop gets wrong when it resumes from a
     checkpoint, so that the resumed fit goes on as the uninterrupted one did: the same
     batches, hooks and counters. Called at ``on_train_start``: after the loop's ``reset()``
@@ -116,3 +123,10 @@ def resume_fit_loop(trainer: L.Trainer) -> None:
         fit_loop.epoch_progress.increment_completed()
         fit_loop.reset_restart_stage()
         fit_loop.epoch_loop.restarting = False  # the next epoch from its first batch, not the saved one's end
+
+
+def set_model_parallel_sizes(strategy: Any, data_parallel: int, tensor_parallel: int) -> None:
+    """The device mesh's sizes of a ``ModelParallelStrategy`` (its constructor's
+    ``data_parallel_size`` and ``tensor_parallel_size``), set before its
+    ``setup_environment`` builds the mesh: once the Trainer has counted the devices."""
+    strategy._data_parallel_size, strategy._tensor_parallel_size = data_parallel, tensor_parallel

@@ -26,6 +26,12 @@ from torch import nn
 __all__ = ["CheckpointError", "check_checkpoint", "load_checkpoint"]
 
 SHOWN = 2  # differences a message names; it counts the rest
+# how a file torch.save wrote starts: a zip archive (the format since torch 1.6), or the
+# legacy format's pickle (a protocol header, then the magic number as a LONG1 opcode,
+# after an 8-byte frame length from protocol 4 on)
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+HEAD = 32  # bytes read to tell them apart
 # IMEXModule's hyper-parameters that set the training recipe, not the network
 RECIPE_KEYS = ("optimizer", "scheduler", "clipping", "decay_norm_and_bias", "no_weight_decay", "lr_multipliers")
 
@@ -37,23 +43,31 @@ class CheckpointError(ValueError):
 def load_checkpoint(path: Any, name: str = "ckpt_path") -> dict[str, Any]:
     """The checkpoint at ``path`` (on the CPU, memory-mapped where the format allows), read
     with ``weights_only=True``; a dict with a ``state_dict``, or a :class:`CheckpointError`
-    (``name=path: ...``)."""
+    (``name=path: ...``). A sharded checkpoint (the folder a sharded fit saves) gives its
+    ``meta.pt``, a ``state_dict`` of tensors on the ``meta`` device (the names, shapes
+    and dtypes of the shards' index; no values read) and ``optimizer_states`` of one
+    ``None`` per optimizer it holds."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise CheckpointError(f"{name} must be the path of a checkpoint file, got {path!r}")
     where = f"{name}={path}"
     if not os.path.exists(path):
         raise CheckpointError(f"{where}: no such file")
     if os.path.isdir(path):
-        raise CheckpointError(f"{where}: a folder, not a checkpoint file (Lightning saves a file, e.g. "
-                              "checkpoints/last.ckpt)")
+        return _load_sharded(path, where)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format since torch 1.6
+            head = f.read(HEAD)
     except OSError as error:
         raise CheckpointError(f"{where}: cannot be read ({error.strerror or error})") from None
     if size == 0:
         raise CheckpointError(f"{where}: an empty file (0 bytes), not a checkpoint")
+    zipped = head.startswith(ZIP_MAGIC)
+    # anything else torch.load would unpickle: random bytes can pass for pickle opcodes and
+    # fail as "refused objects"; a file in neither of torch.save's formats is foreign
+    if not zipped and not (head.startswith(b"\x80") and LEGACY_MAGIC in head):
+        raise CheckpointError(f"{where}: not a PyTorch checkpoint ({size} bytes in neither of torch.save's "
+                              "formats: no zip archive, no legacy magic number)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True,
                                 mmap=zipped and zipfile.is_zipfile(path))
@@ -64,6 +78,35 @@ def load_checkpoint(path: Any, name: str = "ckpt_path") -> dict[str, Any]:
                  else f"a {type(checkpoint).__name__}")
         raise CheckpointError(f"{where}: not a Lightning checkpoint (no state_dict / loops): it holds {holds}")
     return dict(checkpoint)
+
+
+def _load_sharded(path: Any, where: str) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+
+    from .sharding import CHECKPOINT_METADATA, is_sharded_checkpoint, shards_index_problem
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"{where}: a folder that is not a sharded checkpoint (no {CHECKPOINT_METADATA} and "
+                              ".metadata beside shard files); a checkpoint is a file, e.g. checkpoints/last.ckpt, "
+                              "or the folder a sharded fit (strategy=fsdp) saves under that name")
+    problem = shards_index_problem(path)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+    try:
+        checkpoint = torch.load(os.path.join(path, CHECKPOINT_METADATA), map_location="cpu", weights_only=True)
+        index = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as error:  # torch.load and the index's unpickling raise anything the bytes provoke
+        raise CheckpointError(f"{where}: a sharded checkpoint whose {CHECKPOINT_METADATA} or shard index cannot "
+                              f"be read ({type(error).__name__}: {_first_line(str(error)) or '-'})") from None
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{where}: not a Lightning checkpoint ({CHECKPOINT_METADATA} holds a "
+                              f"{type(checkpoint).__name__})")
+    prefix = "state_dict."
+    state_dict = {key[len(prefix):]: torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device="meta")
+                  for key, meta in index.items() if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    if not state_dict:
+        raise CheckpointError(f"{where}: a sharded checkpoint without the module's weights (no state_dict.* shards)")
+    optimizers = {key.split(".", 1)[0] for key in index if re.match(r"optimizer_\d+\.", key)}
+    return {**checkpoint, "state_dict": state_dict, "optimizer_states": [None] * len(optimizers)}
 
 
 def _unreadable(error: Exception, zipped: bool, size: int) -> str:
@@ -158,7 +201,8 @@ def _differences(saved: Any, current: Any) -> list[str]:
 
 def _check_recipe(where: str, checkpoint: Mapping[str, Any], module: nn.Module) -> None:
     """The optimizer's class and the schedule's name against an IMEXModule's configs."""
-    from .factory import optimizer_class, scheduler_config
+    from .optimizers import optimizer_class
+    from .schedules import scheduler_config
     saved = checkpoint.get("hyper_parameters")
     if not isinstance(saved, Mapping):
         return
@@ -209,6 +253,8 @@ def _check_optimizer_states(where: str, checkpoint: Mapping[str, Any],
         raise CheckpointError(f"{where} holds the states of {len(states)} optimizers, this fit has "
                               f"{len(optimizers)}")
     for optimizer, state in zip(optimizers, states):
+        if state is None:  # a sharded checkpoint's: its shards load into the sharded optimizer only
+            continue
         try:
             optimizer.load_state_dict(state)
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:

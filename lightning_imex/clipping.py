@@ -3,13 +3,18 @@ section 6): global norm, element-wise value, or unit-wise adaptive (AGC); the pr
 gradient norm logged; and a policy for non-finite gradients.
 
 Lightning calls the hook after every closure evaluation, so an optimizer that evaluates
-two or three gradients per step has each of them clipped."""
+two or three gradients per step has each of them clipped. With this package's optimizers,
+``norm`` (L2) and ``value`` clipping happen inside their step: the hook measures (one
+pass over the gradients for the norm) and the step reads the clipped gradient, so
+``.grad`` is not rewritten (sharded ``value`` clipping excepted; docs/optimizer-core.md,
+"Clipping in the step")."""
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import math
+import typing
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,11 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from . import _lightning
-from .factory import to_plain
 from .multigradient import gradient_evaluation
+from .optim.base import ElementwiseOptimizer
+from .optim.kernel import all_reduce_sum, local_tensor, reduction_key
+from .plain import to_plain
+from .validate import allowed_keywords, boolean, choice, real
 
 __all__ = ["CLIP_ALGORITHMS", "NONFINITE_POLICIES", "GradientClipping", "NonFiniteGradientError",
-           "adaptive_clip_", "clip_gradients"]
+           "SkipsSteps", "adaptive_clip_", "check_sharded", "clip_gradients", "step_skipped"]
 
 CLIP_ALGORITHMS = ("off", "norm", "value", "agc")
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
@@ -36,6 +44,22 @@ class NonFiniteGradientError(FloatingPointError):
 class SkipStep(Exception):
     """Raised by the hook under ``nonfinite="skip"``; :class:`~lightning_imex.IMEXModule`
     catches it and leaves parameters and optimizer state as they were."""
+
+
+@typing.runtime_checkable
+class SkipsSteps(typing.Protocol):
+    """The protocol of a module whose ``optimizer_step`` can undo a step (``nonfinite="skip"``;
+    :class:`~lightning_imex.IMEXModule` implements it): ``can_skip_steps`` is true, and
+    ``last_step_skipped`` says after each optimizer step whether it was skipped. What
+    advances once per step (the LR schedule, ``ModelEMA``) asks :func:`step_skipped`."""
+
+    can_skip_steps: bool
+    last_step_skipped: bool
+
+
+def step_skipped(module: Any) -> bool:
+    """Whether ``module``'s latest optimizer step was skipped (:class:`SkipsSteps`)."""
+    return isinstance(module, SkipsSteps) and module.can_skip_steps and module.last_step_skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,23 +97,17 @@ class GradientClipping:
     log: bool = True
 
     def __post_init__(self) -> None:
-        if self.algorithm not in CLIP_ALGORITHMS:
-            raise ValueError(f"clipping.algorithm must be one of {CLIP_ALGORITHMS}, got {self.algorithm!r}")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"clipping.nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        choice("clipping.algorithm", self.algorithm, CLIP_ALGORITHMS)
+        choice("clipping.nonfinite", self.nonfinite, NONFINITE_POLICIES)
         if self.algorithm == "off":
             if self.threshold is not None:
                 raise ValueError("clipping.threshold is set but clipping.algorithm is 'off'")
-        elif not (_is_number(self.threshold) and 0 < self.threshold < math.inf):
-            raise ValueError(f"clipping.threshold must be a finite number > 0 for algorithm "
-                             f"{self.algorithm!r}, got {self.threshold!r}")
-        if not (_is_number(self.norm_type) and self.norm_type > 0):
-            raise ValueError(f"clipping.norm_type must be a number > 0 (or inf), got {self.norm_type!r}")
-        if not (_is_number(self.agc_eps) and 0 < self.agc_eps < math.inf):
-            raise ValueError(f"clipping.agc_eps must be a finite number > 0, got {self.agc_eps!r}")
+        else:
+            real("clipping.threshold", self.threshold, 0, above=True, note=f" for algorithm {self.algorithm!r}")
+        real("clipping.norm_type", self.norm_type, 0, above=True, finite=False)
+        real("clipping.agc_eps", self.agc_eps, 0, above=True)
         for name in ("agc_exclude_output", "log"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"clipping.{name} must be a bool, got {getattr(self, name)!r}")
+            boolean(f"clipping.{name}", getattr(self, name))
         if isinstance(self.agc_exclude, str) or not all(isinstance(p, str) for p in self.agc_exclude):
             raise TypeError(f"clipping.agc_exclude must be a list of name patterns, got {self.agc_exclude!r}")
         object.__setattr__(self, "agc_exclude", tuple(self.agc_exclude))
@@ -106,10 +124,7 @@ class GradientClipping:
         if not isinstance(config, dict):
             raise TypeError(f"clipping must be a mapping of {[f.name for f in dataclasses.fields(cls)]}, "
                             f"got {config!r}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in config:
-            if key not in allowed:
-                raise ValueError(f"clipping.{key}: unknown field; allowed: {', '.join(allowed)}")
+        allowed_keywords("clipping", config, [f.name for f in dataclasses.fields(cls)], "GradientClipping")
         return cls(**config)
 
     def with_trainer(self, gradient_clip_val: float | None, gradient_clip_algorithm: Any) -> GradientClipping:
@@ -123,10 +138,6 @@ class GradientClipping:
                 f"Trainer(gradient_clip_val={gradient_clip_val}); set it in one place")
         algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm")
         return dataclasses.replace(self, algorithm=algorithm, threshold=float(gradient_clip_val))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def clip_gradients(
@@ -151,21 +162,52 @@ def clip_gradients(
     if not params:
         return
     grads = [p.grad for p in params]
-    norms = torch._foreach_norm(grads, config.norm_type)
-    total = torch.nn.utils.get_total_norm(norms, config.norm_type)  # == the norm over all of grads
+    ours = _clips_in_step(optimizer, config)
+    in_step = ours if config.algorithm == "norm" and config.norm_type == 2 else None  # the norm's pass is ours
+    # FSDP2's DTensor gradients: every rank holds a shard; norms are reduced over the ranks once, and every
+    # rank reaches the same verdict on clipping and non-finite values
+    sharded = any(reduction_key(g) is not None for g in grads)
+    if in_step is not None:  # one pass over the gradients here; the step applies the factor
+        params, squares = in_step.gradient_squares()
+        total = squares.sum().sqrt().float()
+    elif sharded:
+        norms, total = _sharded_norm(grads, config)
+    else:
+        norms = torch._foreach_norm(grads, config.norm_type)
+        total = torch.nn.utils.get_total_norm(norms, config.norm_type)  # == the norm over all of grads
     logging = config.log and _lightning.logs_this_step(trainer)  # a log costs ~0.3 ms
     if logging:
         module.log("grad_norm", total, on_step=True, on_epoch=False)
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    if config.nonfinite == "skip" or (config.nonfinite == "raise" and not _read_back_later(total.device)):
+    if config.nonfinite == "skip" or (config.nonfinite == "raise" and (sharded and in_step is None
+                                                                      or not _read_back_later(total.device))):
         if scaler is None and not torch.isfinite(total):
             _non_finite(module, params, config.nonfinite, trainer)
     elif config.nonfinite == "raise" and scaler is None:
-        _watch_non_finite(module, params, norms, trainer)
+        finite = torch.isfinite(squares) if in_step is not None else torch.isfinite(
+            torch.stack([n.float().to(total.device) for n in norms]))
+        _watch_non_finite(module, params, ~finite, trainer)
     clipped = None
-    if config.algorithm == "norm":
-        torch.nn.utils.clip_grads_with_norm_(params, config.threshold, total)
+    if in_step is not None:
+        in_step.clip_gradients_in_step(total, config.threshold)
         clipped = total > config.threshold
+    elif config.algorithm == "norm":
+        if sharded:  # clip_grads_with_norm_'s factor, on the local shards
+            torch._foreach_mul_([local_tensor(g) for g in grads], (config.threshold / (total + 1e-6)).clamp(max=1.0))
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, config.threshold, total)
+        clipped = total > config.threshold
+    elif config.algorithm == "value" and sharded:
+        shards = [local_tensor(g) for g in grads]
+        largest = torch.stack([g.abs().max() if g.numel() else g.new_zeros(()) for g in shards]).max()
+        for key in {reduction_key(g) for g in grads} - {None}:
+            torch.distributed.all_reduce(largest, torch.distributed.ReduceOp.MAX, group=key[0].get_group())
+        clipped = largest > config.threshold
+        torch._foreach_clamp_min_(shards, -config.threshold)
+        torch._foreach_clamp_max_(shards, config.threshold)
+    elif config.algorithm == "value" and ours is not None:  # the step reads g clamped
+        clipped = torch.stack(torch._foreach_norm(grads, math.inf)).max() > config.threshold if logging else None
+        ours.clamp_gradients_in_step(config.threshold, grads[0].device)
     elif config.algorithm == "value":
         clipped = torch.stack(torch._foreach_norm(grads, math.inf)).max() > config.threshold
         torch.nn.utils.clip_grad_value_(params, config.threshold)
@@ -177,10 +219,50 @@ def clip_gradients(
         module.log("grad_clipped", clipped.float(), on_step=True, on_epoch=False)
 
 
+def _clips_in_step(optimizer: Any, config: GradientClipping) -> ElementwiseOptimizer | None:
+    """The optimizer, when it is ours: under ``norm`` (L2) and ``value`` clipping it applies
+    the clipping where its step reads the gradients (docs/optimizer-core.md, "Clipping in
+    the step"), so they are never rewritten here."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+    if not isinstance(inner, ElementwiseOptimizer):
+        return None
+    if config.algorithm != "off" and inner.defaults.get("max_grad_norm") is not None:
+        raise ValueError(f"gradient clipping is configured twice: clipping.algorithm={config.algorithm!r} and the "
+                         f"optimizer's max_grad_norm={inner.defaults['max_grad_norm']!r}; set it in one place")
+    return inner
+
+
+def check_sharded(config: GradientClipping) -> None:
+    """Raises a one-line ``ValueError`` for a clipping that sharded gradients (FSDP2) do
+    not support: ``agc`` (a unit's weights may be split across processes) and the
+    ``inf`` norm."""
+    if config.algorithm == "agc":
+        raise ValueError("clipping.algorithm='agc' is not available under a sharding strategy (FSDP2 splits a "
+                         "unit's weights across processes): use clipping.algorithm='norm' or 'value'")
+    if math.isinf(config.norm_type):
+        raise ValueError("clipping.norm_type=inf is not available under a sharding strategy (FSDP2): use a finite "
+                         "norm_type, e.g. 2")
+
+
+def _sharded_norm(grads: list[Tensor], config: GradientClipping) -> tuple[list[Tensor], Tensor]:
+    """Each gradient's norm over this rank's shard, and the norm over all of ``grads``
+    over every shard: the local sums of ``|g|^p`` summed over the ranks, one all-reduce
+    per device mesh (no gradient is gathered)."""
+    check_sharded(config)
+    shards = [local_tensor(g) for g in grads]
+    norms = torch._foreach_norm(shards, config.norm_type)
+    powers: dict[Any, Tensor] = {}
+    for g, norm in zip(grads, norms):
+        key = reduction_key(g)
+        powers[key] = powers.get(key, 0) + norm.double() ** config.norm_type
+    total = sum(all_reduce_sum(power, key) for key, power in powers.items())
+    return norms, (total ** (1 / config.norm_type)).float()
+
+
 def _non_finite(module: nn.Module, params: list[Tensor], policy: str, trainer: Any) -> None:
     if policy == "skip":
         raise SkipStep
-    bad = [i for i, p in enumerate(params) if not torch.isfinite(p.grad).all()]
+    bad = [i for i, p in enumerate(params) if not torch.isfinite(local_tensor(p.grad)).all()]
     step = trainer.global_step if trainer is not None else "?"
     _raise_non_finite(module, params, bad, step, gradient_evaluation(module))
 
@@ -198,20 +280,24 @@ def _syncs_now(trainer: Any) -> bool:
             or 0 < trainer.max_steps <= trainer.global_step + 1)
 
 
-# module -> (global step, gradient evaluation, parameter index) of its first non-finite
-# gradient on an accelerator, -1 while none
-_FIRST_NON_FINITE: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
+# module -> (its fit, (global step, gradient evaluation, parameter index) of its first
+# non-finite gradient on an accelerator, -1 while none) since the last read-back. A fit
+# is its trainer's list of optimizers, which Lightning builds anew at every fit: a record
+# left by a fit that crashed between read-backs is dropped, never raised, by the next.
+_FIRST_NON_FINITE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Tensor]] = weakref.WeakKeyDictionary()
 
 
-def _watch_non_finite(module: nn.Module, params: list[Tensor], norms: list[Tensor], trainer: Any) -> None:
+def _watch_non_finite(module: nn.Module, params: list[Tensor], bad: Tensor, trainer: Any) -> None:
     """``nonfinite="raise"`` without a host-device round trip per step: the first
     non-finite gradient is recorded on the device and read back on the steps that sync
     anyway (those a logger records), every ``log_every_n_steps`` and at an epoch's last
-    batch; the error then names the step and parameter where it happened."""
-    bad = ~torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
-    record = _FIRST_NON_FINITE.get(module)
-    if record is None:
-        record = _FIRST_NON_FINITE[module] = torch.full((3,), -1, dtype=torch.long, device=bad.device)
+    batch; the error then names the step and parameter where it happened. ``bad``: whether
+    each parameter's gradient is non-finite."""
+    fit = trainer.optimizers if trainer is not None else None
+    fit_and_record = _FIRST_NON_FINITE.get(module)
+    if fit_and_record is None or fit_and_record[0] is not fit:
+        fit_and_record = _FIRST_NON_FINITE[module] = (fit, torch.full((3,), -1, dtype=torch.long, device=bad.device))
+    record = fit_and_record[1]
     index = bad.long().argmax()  # the first non-finite parameter (0 when none is)
     step = trainer.global_step if trainer is not None else 0
     here = torch.stack([torch.full_like(index, step), torch.full_like(index, gradient_evaluation(module)), index])
@@ -219,15 +305,18 @@ def _watch_non_finite(module: nn.Module, params: list[Tensor], norms: list[Tenso
     if trainer is not None and not _syncs_now(trainer):
         return
     step, evaluation, index = record.tolist()  # the read-back
+    del _FIRST_NON_FINITE[module]  # nor does a finished fit keep its optimizers alive here
     if step >= 0:
-        del _FIRST_NON_FINITE[module]
         _raise_non_finite(module, params, [index], step, evaluation, seen=trainer.global_step if trainer else None)
 
 
 def _raise_non_finite(module: nn.Module, params: list[Tensor], bad: list[int], step: Any, evaluation: int,
                       seen: int | None = None) -> None:
     names = {id(p): name for name, p in module.named_parameters()}
-    name = names.get(id(params[bad[0]]), f"<unnamed {tuple(params[bad[0]].shape)}>")
+    if not bad:  # sharded: another rank's shard holds it
+        name = "<in a shard held by another process>"
+    else:
+        name = names.get(id(params[bad[0]]), f"<unnamed {tuple(params[bad[0]].shape)}>")
     where = f" (gradient evaluation {evaluation + 1} of the step)" if evaluation else ""
     if seen is not None and seen != step:
         where += f", found at step {seen}"

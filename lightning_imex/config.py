@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     ckpt_path: Optional[str] = None
     test: bool = True
+    threads: Optional[int] = None
 
 
 def register() -> None:

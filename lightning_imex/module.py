@@ -15,9 +15,12 @@ from lightning.fabric.utilities.data import AttributeDict
 
 from . import _lightning
 from .clipping import GradientClipping, SkipStep, clip_gradients
-from .factory import check_group_options, configure_optimizers, optimizer_config, scheduler_config, to_plain
+from .factory import configure_optimizers, with_schedule
 from .multigradient import (OptimizerSnapshot, RandomState, check_trainer, gradient_evaluation, requires_closure,
                             step_calls)
+from .optimizers import build_optimizer, check_group_options, optimizer_config, optimizer_lr
+from .plain import to_plain
+from .schedules import scheduler_config
 
 __all__ = ["IMEXModule"]
 
@@ -44,13 +47,13 @@ class IMEXModule(L.LightningModule):
 
     Args:
         optimizer: a registry name, an optimizer class, a Hydra partial or a config
-            mapping (:func:`~lightning_imex.factory.optimizer_config`).
-        scheduler: ``None`` or a schedule config (:func:`~lightning_imex.factory.scheduler_config`).
+            mapping (:func:`~lightning_imex.optimizers.optimizer_config`).
+        scheduler: ``None`` or a schedule config (:func:`~lightning_imex.schedules.scheduler_config`).
         clipping: a :class:`~lightning_imex.clipping.GradientClipping` or a mapping of
             its fields; ``None`` clips nothing (unless the Trainer's
             ``gradient_clip_val`` is set) and raises on non-finite gradients.
         decay_norm_and_bias, no_weight_decay, lr_multipliers: parameter groups
-            (:func:`~lightning_imex.factory.parameter_groups`).
+            (:func:`~lightning_imex.optimizers.parameter_groups`).
 
     With an optimizer that evaluates several gradients per step, ``training_step`` runs
     once per evaluation; :attr:`gradient_evaluation` says which (0 = the step's start
@@ -92,6 +95,22 @@ class IMEXModule(L.LightningModule):
         # do not advance either (Lightning's global_step does)
         self.last_step_skipped = False
         self._resumed_random_state: RandomState | None = None
+        # (config, optimizer) built by checked_optimizer(), for the fit's configure_optimizers
+        self._checked: tuple[dict[str, Any], torch.optim.Optimizer] | None = None
+
+    @property
+    def lr(self) -> float:
+        """The optimizer's learning rate (``optimizer.lr``, else its class's default).
+        ``Tuner.lr_find`` finds it here (Lightning looks for ``lr`` on the module) and
+        writes its suggestion here: the fit's ``configure_optimizers`` builds the
+        optimizer with it, and the saved ``optimizer`` hyper-parameter keeps it."""
+        return optimizer_lr(self.optimizer_config)
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer_config = optimizer_config({**self.optimizer_config, "lr": value})
+        if "optimizer" in self.hparams:  # what load_from_checkpoint rebuilds the module with
+            self.hparams["optimizer"] = dict(self.optimizer_config)
 
     @property
     def gradient_evaluation(self) -> int:
@@ -100,18 +119,35 @@ class IMEXModule(L.LightningModule):
 
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
                              logger: bool = True) -> None:
-        """Lightning's, then every value made plain (:func:`~lightning_imex.factory.to_plain`):
+        """Lightning's, then every value made plain (:func:`~lightning_imex.plain.to_plain`):
         an unstorable one is an error now rather than at the first checkpoint."""
         frame = frame if frame is not None else inspect.currentframe().f_back
         super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
         self._hparams = AttributeDict(to_plain(dict(self._hparams), "hyper-parameter"))
         self._hparams_initial = copy.deepcopy(self._hparams)
 
+    def checked_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of the next fit, built now so that its hyper-parameters (and a
+        checkpoint's state, loaded into it) can be checked before the fit starts. That
+        fit's :meth:`configure_optimizers` takes it rather than building another, unless
+        the optimizer config (``lr``, which ``Tuner.lr_find`` sets) or the parameters (a
+        sharding strategy replaces them) have changed since; either way only once."""
+        optimizer = build_optimizer(self, self.optimizer_config, **self.param_group_config)
+        self._checked = (self.optimizer_config, optimizer)
+        return optimizer
+
     def configure_optimizers(self) -> Any:
         trainer = _lightning.attached_trainer(self)
         if trainer is not None:  # both clipping settings given is an error before any work
             self.clipping.with_trainer(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[0] is self.optimizer_config and _optimizes(checked[1], self):
+            return with_schedule(self, checked[1], self.scheduler_config)
         return configure_optimizers(self, self.optimizer_config, self.scheduler_config, **self.param_group_config)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (ddp_spawn's workers, deepcopy) builds its own optimizer
+        return {**super().__getstate__(), "_checked": None}
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -164,3 +200,9 @@ class IMEXModule(L.LightningModule):
             checkpoint["hyper_parameters"] = to_plain(dict(checkpoint["hyper_parameters"]), "hyper-parameter")
             checkpoint.pop("hparams_type", None)
 
+
+def _optimizes(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> bool:
+    """Whether ``optimizer`` holds exactly the module's trainable parameters (the same
+    tensors: not the ones a sharding strategy has replaced)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return held == {id(p) for p in module.parameters() if p.requires_grad}

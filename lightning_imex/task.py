@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import Accuracy, MeanMetric, MeanSquaredError, Metric
 
-from .factory import to_plain
-from .models import build_model
+from .models import LSTMLanguageModel, ResNet, ResidualBlock, build_model
 from .module import IMEXModule
+from .plain import to_plain
+from .sharding import mixed_precision_policy, shard_blocks
 
 __all__ = ["TASKS", "Perplexity", "SupervisedTask"]
 
@@ -72,6 +73,33 @@ class SupervisedTask(IMEXModule):
         if self.task == "classification":
             return Accuracy(task="multiclass", num_classes=num_outputs)
         return Perplexity() if self.task == "language_model" else MeanSquaredError()
+
+    def configure_model(self) -> None:
+        """Under a sharding strategy (``strategy=fsdp``/``fsdp_cpu``, which gives the
+        module a device mesh) the network is sharded with FSDP2 (:func:`shard_blocks`):
+        one unit per residual block of a ResNet, per LSTM, embedding and linear layer of
+        the language model (the LSTM alone when the decoder ties its weights to the
+        embedding: the root holds both), per linear and convolution layer of the other
+        networks; BatchNorm layers and the rest belong to the root unit, the network.
+        Weights are gathered in ``bf16`` under ``trainer.precision=bf16-mixed``
+        (gradients reduced in fp32, the shards and optimizer state in fp32). On GPUs
+        BatchNorm becomes ``SyncBatchNorm`` (statistics over the whole batch, as
+        ``strategy=ddp``'s ``sync_batchnorm``); on CPU processes they stay per process."""
+        mesh = self.device_mesh
+        if mesh is None:  # a strategy that does not shard
+            return
+        if self.trainer.strategy.root_device.type != "cpu":
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+        shard_blocks(self.net, mesh["data_parallel"], block_types=self._shard_block_types(),
+                     mp_policy=mixed_precision_policy(self.trainer.precision))
+
+    def _shard_block_types(self) -> tuple[type[nn.Module], ...]:
+        if isinstance(self.net, ResNet):
+            return ResidualBlock, nn.Linear
+        if isinstance(self.net, LSTMLanguageModel):
+            tied = self.net.decoder.weight is self.net.embedding.weight
+            return (nn.LSTM,) if tied else (nn.LSTM, nn.Embedding, nn.Linear)
+        return nn.Linear, nn.Conv2d
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

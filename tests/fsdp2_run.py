@@ -11,8 +11,8 @@ OUT.json maps "NAME/fused=BOOL" to {"param": max |FSDP2 - one process| over the 
 parameters (gathered with ``full_tensor``), "local": the same over every rank's local
 shards of the parameters and both optimizer state buffers against the matching slices
 of the one-process run, "moved": max |final - initial| of the one-process run,
-"seconds"}, plus "clip_active" for ClippedAdam(clip="global"): whether clipping changed
-the one-process result. A configuration that raised has {"error": traceback} instead;
+"seconds"}, plus "clip_active" for ClippedAdam(clip="global") and max_grad_norm: whether
+clipping changed the one-process result. A configuration that raised has {"error": traceback} instead;
 fused=True without a C compiler has {"skipped": reason}.
 """
 
@@ -53,6 +53,9 @@ CONFIGS = {
     "clipped_global": lambda ps, fused: ClippedAdam(ps, lr=0.02, clip="global", max_update=0.05, fused=fused),
     # one group mixing layouts: sharded parameters and one left whole (FSDP2's ignored_params)
     "clipped_global_mixed": lambda ps, fused: ClippedAdam(ps, lr=0.02, clip="global", max_update=0.05, fused=fused),
+    # the gradient's global norm, over the ranks' shards; eps=0.01 makes the update depend on its scale
+    "imex_max_grad_norm": lambda ps, fused: IMEXAdam(ps, lr=0.1, eps=0.01, tableau="trapezoidal", fused=fused,
+                                                     max_grad_norm=0.02),
 }
 MIXED = "clipped_global_mixed"
 
@@ -150,6 +153,11 @@ def run_config(name: str, fused: bool, x, y) -> dict[str, float | bool]:
         gap = max((u.detach() - r.detach()).abs().max().item()
                   for u, r in zip(unclipped.parameters(), ref_params))
         result["clip_active"] = gap > 1e-3
+    if name == "imex_max_grad_norm":
+        unclipped = copy.deepcopy(make_model())
+        train(unclipped, lambda ps: IMEXAdam(ps, lr=0.1, eps=0.01, tableau="trapezoidal", fused=fused), x, y)
+        result["clip_active"] = max((u.detach() - r.detach()).abs().max().item()
+                                    for u, r in zip(unclipped.parameters(), ref_params)) > 1e-3
     return result
 
 

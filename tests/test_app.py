@@ -11,14 +11,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from fork_runner import AppServer
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import Callback
 
 import lightning_imex.train as app
+from lightning_imex.app import threads
 from lightning_imex.data import DATAMODULES
 from lightning_imex.models import LANGUAGE_MODELS
 
@@ -152,7 +156,8 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     first = run_app(tmp_path, "trainer.max_steps=12", "hydra.run.dir=first", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    second = run_app(tmp_path, "trainer.max_steps=20", "hydra.run.dir=second", f"ckpt_path={checkpoint}", *common)
+    second = run_app(tmp_path, "trainer.max_steps=20", "hydra.run.dir=second", f"ckpt_path={checkpoint}",
+                     "scheduler.on_resume=keep", *common)  # its plan has ended (tests/test_resume_extend.py)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "finished at step 20" in second.stdout
     assert min(steps_logged(tmp_path / "second")) >= 12 and max(steps_logged(tmp_path / "second")) == 19
@@ -175,3 +180,44 @@ def test_bad_overrides_fail_fast_in_one_line(tmp_path, overrides, message):
     assert len(result.stderr.splitlines()) == 1 and re.search(message, result.stderr), result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))  # nothing trained
+
+
+class _ThreadsDuringFit(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.threads = torch.get_num_threads()
+
+
+def test_threads_sets_torchs_threads_for_the_fit_only(tmp_path):
+    before, seen = torch.get_num_threads(), _ThreadsDuringFit()
+    app.train(config(tmp_path, f"threads={before + 1}", "callbacks=none", "test=false"), extra_callbacks=[seen],
+              print_summary=False)
+    assert (seen.threads, torch.get_num_threads()) == (before + 1, before)
+    app.train(config(tmp_path, "callbacks=none", "test=false"), extra_callbacks=[seen], print_summary=False)
+    assert seen.threads == before  # null, one process: torch's, as it was
+
+
+def test_threads_null_shares_the_cores_between_cpu_processes(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    fit = SimpleNamespace(accelerator=CPUAccelerator(), num_devices=2)
+    assert (threads.TorchThreads().resolve(fit), threads.TorchThreads(3).resolve(fit)) == (4, 3)
+    assert threads.TorchThreads().resolve(SimpleNamespace(accelerator=CPUAccelerator(), num_devices=1)) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's choice for several processes, or the user's
+    assert threads.TorchThreads().resolve(fit) is None
+
+
+def test_a_fit_builds_its_optimizer_once(tmp_path, monkeypatch):
+    """The optimizer the app checks before the fit (its hyper-parameters, the schedule,
+    the Trainer's settings) is the one the fit trains with, and it trains as a fresh one:
+    checking the schedule (a warm-up sets the learning rates) leaves no trace."""
+    from lightning_imex import module
+    from lightning_imex.optim import IMEXAdam
+    built, init = [], IMEXAdam.__init__
+    monkeypatch.setattr(IMEXAdam, "__init__", lambda self, *a, **k: (built.append(self), init(self, *a, **k))[1])
+    overrides = ["callbacks=none", "test=false", "scheduler=constant", "scheduler.warmup_steps=3",
+                 "trainer.fast_dev_run=false", "trainer.max_steps=12", "trainer.limit_val_batches=2"]
+    checked = app.train(config(tmp_path / "checked", *overrides), print_summary=False)
+    assert len(built) == 1
+    monkeypatch.setattr(module, "_optimizes", lambda optimizer, pl_module: False)  # the fit builds its own
+    fresh = app.train(config(tmp_path / "fresh", *overrides), print_summary=False)
+    assert len(built) == 3 and checked == fresh

@@ -1,18 +1,20 @@
 """``lightning-imex-compare``: a tiny comparison writes a table whose numbers parse, one CSV
 row per run and real PNGs, ``--from`` reproduces it; the budget is counted in gradient
 evaluations (closure calls) and split into steps; every run of a seed starts from the
-same weights and data; every recipe runs; a killed compare finishes only what is missing."""
+same weights and data; every recipe runs (a killed compare: test_compare_parallel.py);
+Adam against IMEX Euler (the same method) is a tie, runs of unequal budgets are compared at
+the common one and said so; a grid whose best is its end is flagged and ``--extend``
+brackets the optimum; a diverging learning rate is a result, ranked last."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from matplotlib import image
 
 import lightning_imex.compare as compare_cli
 from lightning_imex.compare import compare, compare_from, parse_settings
-from lightning_imex.compare.recipe import RecipeError, load_recipe, parse_recipe, recipe_names
+from lightning_imex.compare.recipe import Recipe, RecipeError, load_recipe, parse_recipe, recipe_names
 from lightning_imex.compare.runner import plan_runs
 from lightning_imex.task import SupervisedTask
 
@@ -41,8 +43,10 @@ TWO = {"adam": {"overrides": ["optimizer=adam"], "lr": 0.01},
        "trapezoidal": {"overrides": ["optimizer=imex_trapezoidal"], "lr": 0.01}}
 
 
-def table(markdown: str) -> list[list[str]]:
-    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+def table(markdown: str, index: int = 0) -> list[list[str]]:
+    """The rows of the markdown's ``index``-th table (0: the results; then the paired differences, the grid)."""
+    blocks = re.findall(r"(?:^\|.*\n)+", markdown, flags=re.M)
+    rows = [line.strip("|").split("|") for line in blocks[index].splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in row] for row in rows]
 
 
@@ -75,12 +79,34 @@ def test_a_tiny_compare_writes_a_table_a_csv_and_plots(tiny):
     assert len(runs) == 4 and {(r["optimizer"], r["seed"]) for r in runs} == {
         (o, s) for o in ("adam", "trapezoidal") for s in ("0", "1")}
     pngs = [p for p in paths if p.suffix == ".png"]
-    assert len(pngs) == 3
+    assert len(pngs) == 4
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         pixels = image.imread(png)
         assert pixels.shape[0] > 300 and pixels.shape[1] > 500 and pixels.std() > 0.05  # not blank
     assert "Fairness (checked)" in (out / "results.md").read_text()
+
+
+def test_every_plot_is_titled_with_axes_in_words_and_lines_told_apart(tiny):
+    from matplotlib import pyplot as plt
+
+    from lightning_imex.compare.report import figures
+
+    out, comparison, _ = tiny
+    made = dict(figures(comparison, load_recipe(str(out.parent / "tiny.yaml"))))
+    loss = "training loss (minibatch mean)"
+    assert {name: (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) for name, fig in made.items()} == {
+        "train_loss_vs_gradient_evaluations": ("gradient evaluations", loss),
+        "train_loss_vs_optimizer_steps": ("optimizer steps", loss),
+        "train_loss_vs_wall_clock": ("wall-clock time of the training steps (s)", loss),
+        "val_acc_vs_gradient_evaluations": ("gradient evaluations", "validation accuracy")}
+    for name, fig in made.items():
+        title = fig.axes[0].get_title()
+        assert title.startswith(f"{fig.axes[0].get_ylabel()} vs ") and "tiny: a claim" in title
+        assert title.endswith("mean over 2 seeds (0, 1), band from the lowest to the highest seed")
+        lines = fig.axes[0].get_lines()
+        assert len(lines) == 2 and len({(line.get_linestyle(), line.get_marker()) for line in lines}) == 2
+        plt.close(fig)
 
 
 def test_from_reproduces_the_table(tiny, tmp_path):
@@ -142,12 +168,85 @@ def test_a_learning_rate_grid_is_chosen_on_the_validation_metric(tmp_path):
     assert "## Learning-rate grid" in markdown and "0.05 (chosen)" in markdown
 
 
+def test_from_on_adam_and_imex_euler_is_a_tie_and_unequal_budgets_are_said(tmp_path):
+    """Adam and IMEX Euler are the same method: no winner. Joined with trapezoidal runs of
+    twice the budget (as an epoch-bounded sweep makes them), all are compared at the
+    common budget, and results.md says so."""
+    euler = {"adam": {"overrides": ["optimizer=adam"], "lr": 0.01},
+             "euler": {"overrides": ["optimizer=imex_euler"], "lr": 0.01}}
+    compare(load_recipe(str(tiny_recipe(tmp_path, euler))), tmp_path / "euler", ["test=false"])
+    comparison, _ = compare_from([tmp_path / "euler"], tmp_path / "tie")
+    assert comparison.winner is None and comparison.tied == ["adam", "euler"]
+    assert comparison.wins == {"adam": 0, "euler": 0}
+    markdown = (tmp_path / "tie" / "results.md").read_text()
+    assert "No winner at 12 gradient evaluations: adam, euler tie" in markdown and "**adam**" not in markdown
+    assert "Unequal budgets" not in markdown
+    (tmp_path / "trapezoidal").mkdir()
+    trapezoidal = {"trapezoidal": {"overrides": ["optimizer=imex_trapezoidal"], "lr": 0.01}}
+    compare(load_recipe(str(tiny_recipe(tmp_path / "trapezoidal", trapezoidal, budget=24, seeds=1))), tmp_path / "trap",
+            ["test=false"])  # one seed: the one compared (seeds all optimizers ran)
+    comparison, _ = compare_from([tmp_path / "euler", tmp_path / "trap"], tmp_path / "joined")
+    markdown = (tmp_path / "joined" / "results.md").read_text()
+    assert comparison.common_budget == 12 and comparison.metric_at == 8  # trapezoidal validates at 8, 16, 24
+    assert comparison.seeds_compared == 1 and "Fairness" not in markdown  # no one folder's check covers them all
+    assert ("**Unequal budgets**: the runs made different numbers of gradient evaluations (adam 12, euler 12, "
+            "trapezoidal 24); every optimizer is compared at 12") in markdown
+    rows = {row[0].strip("*"): row for row in table(markdown)[1:]}
+    assert [number(rows[label][2]) for label in ("adam", "euler", "trapezoidal")] == [12, 12, 12]  # steps run
+    assert re.search(r"Winner at 12 gradient evaluations \(`val/acc` at 8\)|No winner at 12 gradient evaluations "
+                     r"\(`val/acc` at 8\)", markdown)
+
+
+def test_a_grid_edge_is_flagged_and_extend_brackets_the_optimum(tmp_path, monkeypatch, capsys):
+    """Adam on a logistic regression for 20 steps: the best learning rate of 3.2e-4, 3.2e-3,
+    3.2e-2, 0.32 (by the validation loss) is 3.2e-2. A grid of the first two is flagged;
+    --extend adds 3.2e-2 and 0.32 (one per round), after which the best is inside."""
+    grid = {"adam": {"overrides": ["optimizer=adam"], "lr": {"center": 1e-3, "factor": 10, "points": 2}}}
+    path = tiny_recipe(tmp_path, grid, budget=20, seeds=1, validations=1, metric="val/loss",
+                       overrides=["dataset=digits", "model=logreg", "~callbacks.ema", "scheduler=none"])
+    out = tmp_path / "out"
+    compare_cli.main([str(path), "test=false", "--out", str(out), "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert ("lightning-imex-compare: warning: Grid edge: adam's chosen learning rate 0.00316228 is the highest of "
+            "its grid (0.000316228, 0.00316228); the optimum may lie above it; `--extend` runs") in err
+    recipe, overrides = parse_settings(load_recipe(str(path)), ["test=false"])
+    monkeypatch.setattr(compare_cli, "EXTENSIONS", 1)
+    comparison, _ = compare(recipe, out, overrides, extend=True)
+    assert comparison.edges == {"adam": "highest"} and comparison.chosen["adam"][0].lr == 0.0316228
+    assert "is the highest of its grid (0.000316228, 0.00316228, 0.0316228); the optimum may lie above it even " \
+           "after 1 extension (the limit)" in (out / "results.md").read_text()
+    monkeypatch.setattr(compare_cli, "EXTENSIONS", 3)
+    comparison, _ = compare(recipe, out, overrides, extend=True)
+    assert comparison.edges == {} and comparison.chosen["adam"][0].lr == 0.0316228
+    assert sorted(comparison.grid["adam"]) == [0.000316228, 0.00316228, 0.0316228, 0.316228]
+    markdown = (out / "results.md").read_text()
+    assert "Grid edge" not in markdown and "`--extend` added adam 0.0316228, 0.316228" in markdown
+    assert len(list(out.glob("runs/adam/*/seed_0/run.json"))) == 4  # each learning rate ran once
+
+
+def first_lr(recipe: Recipe) -> Recipe:
+    """The recipe with each grid cut to its first learning rate: the others plan and run alike."""
+    return recipe.replace(optimizers=tuple(dataclasses.replace(e, lrs=e.lrs[:1]) for e in recipe.optimizers))
+
+
+def test_a_diverging_learning_rate_is_a_result_ranked_last(tmp_path):
+    grid = {"sgd": {"overrides": ["optimizer=sgd"], "lr": [0.01, 1e4]}}  # 1e4 overflows a regression in a few steps
+    path = tiny_recipe(tmp_path, grid, budget=10, seeds=1, validations=1,
+                       overrides=["dataset=gaussians", "model.hidden=[16]", "~callbacks.ema", "scheduler=none"])
+    comparison, _ = compare(load_recipe(str(path)), tmp_path / "out", ["test=false"])
+    diverged = json.loads(next((tmp_path / "out").glob("runs/sgd/lr_10000/seed_0/run.json")).read_text())
+    assert diverged["diverged"].startswith("non-finite gradient in parameter") and diverged["steps"] < 10
+    assert comparison.chosen["sgd"][0].lr == 0.01 and comparison.edges == {"sgd": "lowest"}
+    assert "| sgd | 10000 (diverged) | n/a |" in (tmp_path / "out" / "results.md").read_text()
+
+
 @pytest.mark.parametrize("name", recipe_names())
 def test_every_recipe_plans_with_the_apps_checks(tmp_path, name):
     recipe = load_recipe(name)
     if name == "imex_cifar10_vgg" or name.endswith("_mnist"):
         pytest.skip("needs its dataset's files (run in the slow tier with synthetic files)")
-    runs = plan_runs(recipe.replace(seeds=1), tmp_path)
+    assert all(len(e.lrs) == 3 and e.factor for e in recipe.optimizers)  # the CPU recipes tune, equally
+    runs = plan_runs(first_lr(recipe).replace(seeds=1), tmp_path)
     assert {r.label for r in runs} == {e.name for e in recipe.optimizers}
     assert all(r.steps * r.evaluations_per_step <= recipe.budget for r in runs)
 
@@ -162,7 +261,7 @@ def test_every_recipe_runs_a_few_steps_without_download(tmp_path, name, monkeypa
     monkeypatch.setenv("LIGHTNING_IMEX_ROOT", str(tmp_path))
     recipe, overrides = parse_settings(load_recipe(name), ["seeds=1", "budget=6", "validations=1",
                                                            "trainer.limit_val_batches=2", "test=false"])
-    comparison, paths = compare(recipe, tmp_path / "out", overrides)
+    comparison, paths = compare(first_lr(recipe), tmp_path / "out", overrides)
     assert set(comparison.chosen) == {e.name for e in recipe.optimizers}
     assert all(r.gradient_evaluations == 6 - 6 % (6 // r.steps) for g in comparison.chosen.values() for r in g)
     assert (tmp_path / "out" / "results.md").is_file()
@@ -201,6 +300,8 @@ def run_cli(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess | su
                                            "recipe's lr instead)"),
     (["imex_spirals", "optimizer.eps=-1"], "optimizer adam: optimizer: Invalid epsilon value: -1"),
     (["imex_spirals", "strategy=ddp_cpu"], "strategy: the compare command trains every run in its own process"),
+    (["imex_spirals", "threads=2"], "threads is set by the compare command for every run (use --threads N instead)"),
+    (["imex_spirals", "--jobs", "0"], "--jobs must be an integer >= 1, got 0"),
     (["imex_spirals", "nope=1"], "nope"),
     (["--from", "missing"], "--from missing: not a folder"),
 ])
@@ -221,39 +322,26 @@ def test_a_folder_with_other_settings_is_refused(tiny):
 
 
 @pytest.mark.slow
-def test_a_killed_compare_finishes_only_the_missing_runs(tmp_path):
-    recipe = tiny_recipe(tmp_path, TWO, budget=80)
-    out = tmp_path / "out"
-    process = run_cli(str(recipe), "--out", str(out), cwd=tmp_path, background=True)
-    deadline = time.monotonic() + 240
-    while not list(out.glob("runs/*/*/*/run.json")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    finished = {p: p.read_text() for p in out.glob("runs/*/*/*/run.json")}
-    assert 1 <= len(finished) < 4
-    result = run_cli(str(recipe), "--out", str(out), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    after = {p: p.read_text() for p in out.glob("runs/*/*/*/run.json")}
-    assert len(after) == 4 and all(after[p] == text for p, text in finished.items())  # not rerun
-    assert (out / "results.md").is_file()
-
-
-@pytest.mark.slow
 def test_from_reads_a_multirun_of_the_app(tmp_path):
-    app = subprocess.run([sys.executable, "-m", "lightning_imex.train", "-m", "optimizer=adam,imex_trapezoidal",
+    app = subprocess.run([sys.executable, "-m", "lightning_imex.train", "-m",
+                          "optimizer=adam,imex_euler,imex_trapezoidal",
                           "seed=0,1", "dataset=spirals", *SMALL, "trainer.max_steps=8", "trainer.max_epochs=-1",
                           "trainer.val_check_interval=4", "trainer.check_val_every_n_epoch=null",
-                          "trainer.log_every_n_steps=1", "test=false", "~callbacks.rich_progress_bar",
+                          "trainer.log_every_n_steps=3", "test=false", "~callbacks.rich_progress_bar",
                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert app.returncode == 0, app.stderr[-3000:]
     comparison, paths = compare_from([tmp_path / "sweep"], tmp_path / "report")
-    assert set(comparison.chosen) == {"adam", "imex_trapezoidal"}
+    assert set(comparison.chosen) == {"adam", "imex_euler", "imex_trapezoidal"}
     evaluations = {label: [r.gradient_evaluations for r in runs] for label, runs in comparison.chosen.items()}
-    assert evaluations == {"adam": [8, 8], "imex_trapezoidal": [16, 16]}  # steps bounded, as the user ran them
-    assert comparison.common_budget == 8
-    assert len(table((tmp_path / "report" / "results.md").read_text())) == 3
+    assert evaluations == {"adam": [8, 8], "imex_euler": [8, 8], "imex_trapezoidal": [16, 16]}  # as the user ran them
+    assert {r.steps for r in comparison.runs} == {8}  # not 6: the last logged training step (every 3)
+    assert comparison.common_budget == 8 and comparison.metric_at == 8  # trapezoidal validated at 8 and 16
+    # Adam and IMEX Euler are the same method: neither is ahead of the other, on any seed
+    assert comparison.winner not in ("adam", "imex_euler")
+    assert comparison.wins["adam"] == comparison.wins["imex_euler"] == 0
+    markdown = (tmp_path / "report" / "results.md").read_text()
+    assert len(table(markdown)) == 4 and "**Unequal budgets**" in markdown
 
 
 def test_a_second_compare_into_a_busy_folder_is_refused(tmp_path):
@@ -267,3 +355,20 @@ def test_a_second_compare_into_a_busy_folder_is_refused(tmp_path):
         with pytest.raises(RecipeError, match="another lightning-imex-compare is running into this folder"):
             compare(recipe, out)
     assert not list(out.glob("runs/*/*/*/run.json"))
+
+
+def test_a_resumed_runs_rows_replace_those_logged_after_its_checkpoint(tmp_path):
+    """A run killed after step 5, resumed from its checkpoint at step 3: the resumed file's
+    rows (from step 3 on) replace the first file's rows from step 3 on, in order."""
+    import os
+
+    from lightning_imex.compare.runs import _metric_rows
+
+    first, resumed = tmp_path / "csv" / "metrics.csv", tmp_path / "csv" / "resumed_1" / "metrics.csv"
+    resumed.parent.mkdir(parents=True)
+    first.write_text("step,train/loss_step\n" + "".join(f"{s},{s}.0\n" for s in range(6)))
+    resumed.write_text("step,train/loss_step\n" + "".join(f"{s},{s}.5\n" for s in range(3, 8)))
+    os.utime(first, (1, 1))  # written before the resumed file
+    rows = _metric_rows(tmp_path)
+    assert [(r["step"], r["train/loss_step"]) for r in rows] == (
+        [(str(s), f"{s}.0") for s in range(3)] + [(str(s), f"{s}.5") for s in range(3, 8)])

@@ -6,27 +6,15 @@ import copy
 
 import pytest
 import torch
+from catalogue import catalogue_params
 from conftest import flat, loss_closure, make_data, make_net, train
 from torch import nn
 
-from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
+from lightning_imex.optim import AdaMax, AdaMomentum, IMEXAdam
 from lightning_imex.optim import kernel
 from lightning_imex.optim.cpu_backend import BACKEND, c_source
 from lightning_imex.optim.program import lower
 
-CONFIGS = [
-    (IMEXAdam, {"tableau": "euler"}),
-    (IMEXAdam, {"tableau": "euler", "weight_decay": 0.1, "decoupled_weight_decay": True}),
-    (IMEXAdam, {"tableau": "trapezoidal"}),
-    (IMEXAdam, {"tableau": "trapezoidal", "reuse_gradient": True, "weight_decay": 0.01}),
-    (IMEXAdam, {"tableau": "ssp3_433", "weight_decay": 0.01, "decoupled_weight_decay": True, "maximize": True}),
-    (IMEXAdam, {"tableau": "trapezoidal_pc", "bias_correction": False}),
-    (AdaMax, {"weight_decay": 0.01}),
-    (AdaMomentum, {"weight_decay": 0.01}),
-    (ClippedAdam, {"max_update": 1e-3}),
-    (ClippedAdam, {"clip": "global", "max_update": 1e-3, "bias_correction": True}),
-]
-IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for cls, kw in CONFIGS]
 
 
 class Assorted(nn.Module):
@@ -67,7 +55,7 @@ def assorted_run(cls, kwargs, fused, steps=6, dtype=torch.float32):
     return model, opt
 
 
-@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("cls, kwargs", catalogue_params())
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow),
                                    pytest.param(torch.float64, marks=pytest.mark.slow)], ids=str)
 def test_compiled_agrees_with_eager(cls, kwargs, dtype):

@@ -1,6 +1,7 @@
 """ModelEMA: each schedule against its formula by hand, one update per optimizer step, swaps
-for validation / test / predict, evaluate="both", exact resume, export, ddp_spawn,
-torch.compile, bad arguments."""
+for validation / test / predict, evaluate="both" and the checkpoints each name ranks, exact
+resume (also of EMAWeightAveraging's checkpoints), export, reuse across fits (and
+TrainingCost's), StochasticWeightAveraging refused, ddp_spawn, torch.compile, bad arguments."""
 
 from __future__ import annotations
 
@@ -84,16 +85,16 @@ class Weights(L.Callback):
             self.after.append(flat(module))
 
 
-def fit(ema: ModelEMA, steps: int = 50, module: Net | None = None, val=None, tmp_path=None, **kwargs):
+def fit(ema: ModelEMA, steps: int = 50, module: Net | None = None, val=None, tmp_path=None, callbacks=(), **kwargs):
     module = module or Net()
     weights = Weights()
-    run = trainer(tmp_path, max_steps=steps, callbacks=[weights, ema], **kwargs)
+    run = trainer(tmp_path, max_steps=steps, callbacks=[weights, ema, *callbacks], **kwargs)
     run.fit(module, loader(), val)
     return module, weights, run
 
 
 def ema_flat(ema: ModelEMA, module: nn.Module) -> torch.Tensor:
-    state = ema.ema_state_dict(module)
+    state = ema.ema.averaged_state_dict()
     return torch.cat([state[name].flatten() for name, _ in module.named_parameters()])
 
 
@@ -136,7 +137,7 @@ def test_zero_start_is_the_adam_papers_bias_corrected_average():
     for theta in w.after:
         a = 0.95 * a + 0.05 * theta
     close(ema_flat(ema, module), a / (1 - 0.95 ** 12))
-    assert ema.decay_product == pytest.approx(0.95 ** 12)
+    assert ema.ema.decay_product == pytest.approx(0.95 ** 12)
 
 
 @pytest.mark.parametrize("schedule,decay_of_k", [
@@ -235,7 +236,9 @@ def test_evaluate_both_logs_ema_and_raw_metrics(tmp_path):
             self.log("mean_loss", self.mean_loss)
 
     ema = ModelEMA(decay=0.9, schedule="fixed", evaluate="both", end_with="raw")
-    module, _, run = fit(ema, steps=8, module=Metered(), val=loader(n=32, seed=5), tmp_path=tmp_path)
+    metered = Metered()
+    metric = metered.mean_loss
+    module, _, run = fit(ema, steps=8, module=metered, val=loader(n=32, seed=5), tmp_path=tmp_path)
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert sum(bool(r["val_loss"]) for r in rows) == sum(bool(r["val_loss_raw"]) for r in rows) == 2  # per epoch
@@ -243,16 +246,16 @@ def test_evaluate_both_logs_ema_and_raw_metrics(tmp_path):
     metrics = run.callback_metrics
     with torch.no_grad():
         raw = F.cross_entropy(module(x), y).item()
-        ema.swap(module)
-        averaged = F.cross_entropy(module(x), y).item()
-        ema.swap(module)
+        with ema.ema.swapped():
+            averaged = F.cross_entropy(module(x), y).item()
     assert metrics["val_loss"].item() == pytest.approx(averaged, rel=1e-5)  # the names the module logs: the EMA
     assert metrics["val_loss_raw"].item() == pytest.approx(raw, rel=1e-5)
     assert raw != pytest.approx(averaged, rel=1e-3)
     # each torchmetrics Metric had a twin: the two averages did not mix
     assert metrics["mean_loss"].item() == pytest.approx(averaged, rel=1e-5)
     assert metrics["mean_loss_raw"].item() == pytest.approx(raw, rel=1e-5)
-    assert "validation_step" not in module.__dict__ and "log" not in module.__dict__  # nothing left patched
+    assert "validation_step" not in module.__dict__ and "log" not in module.__dict__  # nothing patched
+    assert type(module) is Metered and module.mean_loss is metric  # the module itself was not touched
 
 
 def test_test_and_predict_use_the_ema():
@@ -280,12 +283,13 @@ def test_end_with_ema_leaves_the_ema_in_the_module():
 def test_swap_exchanges_storage_without_allocating():
     ema = ModelEMA(decay=0.9, end_with="raw")
     module, _, _ = fit(ema, steps=2)
-    tensors = ema._all(module)
-    raw, averaged = [t.data_ptr() for t in tensors], [t.data_ptr() for t in ema.ema]
-    ema.swap(module)
-    assert [t.data_ptr() for t in tensors] == averaged and [t.data_ptr() for t in ema.ema] == raw
-    assert all(a is b for a, b in zip(ema._all(module), tensors, strict=True))  # the same Parameters: optimizer refs hold
-    ema.swap(module)
+    tensors = [*module.parameters(), *module.buffers()]
+    assert [id(t) for t in ema.ema.tracked] == [id(t) for t in tensors]
+    raw, averaged = [t.data_ptr() for t in tensors], [t.data_ptr() for t in ema.ema.shadow]
+    ema.ema.swap()
+    assert [t.data_ptr() for t in tensors] == averaged and [t.data_ptr() for t in ema.ema.shadow] == raw
+    assert all(a is b for a, b in zip(ema.ema.tracked, tensors, strict=True))  # same Parameters: optimizer refs hold
+    ema.ema.swap()
     assert [t.data_ptr() for t in tensors] == raw
 
 
@@ -293,7 +297,7 @@ def test_swap_exchanges_storage_without_allocating():
 def test_buffers_are_averaged_or_copied(include_buffers):
     ema = ModelEMA(decay=0.5, schedule="fixed", include_buffers=include_buffers, end_with="raw")
     module, _, _ = fit(ema, steps=3, module=Net(batch_norm=True))
-    bn, state = module.net[1], ema.ema_state_dict(module)
+    bn, state = module.net[1], ema.ema.averaged_state_dict()
     assert state["net.1.num_batches_tracked"].item() == bn.num_batches_tracked.item() == 3  # copied
     assert torch.equal(state["net.1.running_mean"], bn.running_mean) != include_buffers  # averaged
 
@@ -322,7 +326,7 @@ def test_resume_is_bit_identical(tmp_path):
     resumed, resumed_ema = fit_resume(tmp_path / "resumed", ckpt_path=path)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # raw weights and buffers
-    ours, theirs = straight_ema.ema_state_dict(straight), resumed_ema.ema_state_dict(resumed)
+    ours, theirs = straight_ema.ema.averaged_state_dict(), resumed_ema.ema.averaged_state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # EMA weights and buffers
     assert straight_ema.state_dict() == resumed_ema.state_dict() and straight_ema.updates == 5
 
@@ -353,7 +357,7 @@ class RankDump(ModelEMA):
         self.folder = folder
 
     def on_train_end(self, trainer, module):
-        torch.save(torch.cat([t.flatten() for t in self.ema]), f"{self.folder}/rank{trainer.global_rank}.pt")
+        torch.save(torch.cat([t.flatten() for t in self.ema.shadow]), f"{self.folder}/rank{trainer.global_rank}.pt")
         super().on_train_end(trainer, module)
 
 
@@ -365,12 +369,20 @@ def test_ddp_spawn_ranks_hold_identical_emas(tmp_path):
     assert torch.equal(ranks[0], ranks[1]) and not torch.equal(ranks[0], flat(Net()))
 
 
-def test_sharded_strategies_are_refused():
-    from lightning.pytorch.strategies import FSDPStrategy
+def test_sharded_strategies_it_cannot_follow_are_refused_in_one_line():
+    """FSDP1's flat parameters, and a sharded strategy whose checkpoint would not hold the
+    EMA's shards; FSDP2Strategy (sharded checkpoints) passes the check."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    fake = SimpleNamespace(strategy=object.__new__(FSDPStrategy))
-    with pytest.raises(RuntimeError, match="does not average sharded weights"):
-        ModelEMA().setup(fake, nn.Linear(1, 1), "fit")
+    from lightning_imex.sharding import FSDP2Strategy
+
+    for strategy, match in ((object.__new__(FSDPStrategy), "does not average FSDPStrategy's sharded weights"),
+                            (object.__new__(ModelParallelStrategy), "ModelEMA under ModelParallelStrategy needs "),
+                            (FSDP2Strategy(save_distributed_checkpoint=False), "needs .*FSDP2Strategy")):
+        with pytest.raises(RuntimeError, match=match) as error:
+            ModelEMA().setup(SimpleNamespace(strategy=strategy), nn.Linear(1, 1), "fit")
+        assert "\n" not in str(error.value)
+    ModelEMA.check_strategy(FSDP2Strategy())
 
 
 # ------------------------------------------------------------------ arguments
@@ -380,8 +392,8 @@ def test_sharded_strategies_are_refused():
     ({"decay": True}, r"decay must be a number in \(0, 1\)"),
     ({"decay": "beta1"}, r"decay must be a number in \(0, 1\) or 'optimizer', got 'beta1'"),
     ({"schedule": "cosine"}, r"schedule must be one of \('fixed', 'warmup', 'power', 'zero_start', None\)"),
-    ({"evaluate": "all"}, r"evaluate must be one of \('ema', 'raw', 'both'\)"),
-    ({"end_with": "best"}, r"end_with must be one of \('ema', 'raw'\)"),
+    ({"evaluate": "all"}, "evaluate must be one of 'ema', 'raw', 'both', got 'all'"),
+    ({"end_with": "best"}, "end_with must be one of 'ema', 'raw', got 'best'"),
     ({"update_every": 0}, "update_every must be an integer >= 1, got 0"),
     ({"update_every": 2.0}, "update_every must be an integer >= 1"),
     ({"start_step": -1}, "start_step must be an integer >= 0"),
@@ -393,3 +405,105 @@ def test_sharded_strategies_are_refused():
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelEMA(**kwargs)
+
+
+# ------------------------------------------------------------------ reuse across fits
+def test_reused_with_the_same_model_starts_a_new_average():
+    """Issue 19 item 4a: a second fit (a new Trainer: global_step from 0) averages from its
+    first step, from the weights the module holds then (the first fit's EMA, end_with="ema")."""
+    ema, module = ModelEMA(decay=0.9, schedule="fixed"), Net()
+    fit(ema, steps=6, module=module)
+    first = flat(module).clone()
+    module, w, _ = fit(ema, steps=4, module=module)
+    assert torch.equal(w.initial, first) and ema.updates == 4
+    close(flat(module), by_hand(first, w.after, [0.9] * 4))  # end_with="ema": this fit's EMA, not a stale one
+
+
+def test_reused_with_a_new_model_never_swaps_the_old_models_weights_in():
+    """Issue 19 item 4b: the first fit's weights stay out of the second fit's module."""
+    ema, first = ModelEMA(decay=0.9, schedule="fixed"), Net()
+    fit(ema, steps=6, module=first)
+    kept = flat(first).clone()
+    second = Net()
+    torch.nn.init.zeros_(second.net[0].bias)  # a model unlike the first's initial or final weights
+    initial = flat(second).clone()
+    second, w, _ = fit(ema, steps=4, module=second)
+    assert torch.equal(w.initial, initial)
+    close(flat(second), by_hand(initial, w.after, [0.9] * 4))
+    assert torch.equal(flat(first), kept)
+
+
+def test_training_cost_reused_counts_each_fit_from_zero():
+    from lightning_imex.callbacks import TrainingCost
+
+    cost = TrainingCost()
+    for steps in (5, 3):
+        trainer(max_steps=steps, callbacks=[cost]).fit(Net(), loader())
+        assert cost.gradient_evaluations == steps and len(cost.batch_digests) == steps
+        assert cost.initial_weights is not None
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_stochastic_weight_averaging_alongside_is_refused_in_either_order(ema_first):
+    swa = L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.01)
+    callbacks = [ModelEMA(), swa] if ema_first else [swa, ModelEMA()]
+    module = Net()
+    with pytest.raises(ValueError, match="ModelEMA cannot run with StochasticWeightAveraging: both put averaged "
+                                         "weights into the module"):
+        trainer(max_steps=2, callbacks=callbacks).fit(module, loader())
+    assert module.training_steps == 0
+
+
+# ------------------------------------------------------------------ checkpoints of other callbacks
+def test_evaluate_both_checkpoints_rank_by_ema_or_raw_and_load_the_ranked_weights(tmp_path):
+    """Issue 21 item 5: monitor="val_loss" ranks the EMA, "val_loss_raw" the raw weights; the
+    best checkpoint of each, given to test, is evaluated on the weights that were ranked."""
+    checkpoints = {name: L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, filename=name + "-{step}",
+                                                             monitor=name, save_top_k=1)
+                   for name in ("val_loss", "val_loss_raw")}
+    ema = ModelEMA(decay=0.9, schedule="fixed", evaluate="both", end_with="raw")
+    module, w, run = fit(ema, steps=16, val=loader(n=32, seed=5), tmp_path=tmp_path, enable_checkpointing=True,
+                         callbacks=[*checkpoints.values()], max_epochs=4)
+    with open(tmp_path / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r["val_loss"]]
+    best = {name: c.best_model_path for name, c in checkpoints.items()}  # before test restores their states
+    assert best["val_loss"] != best["val_loss_raw"]
+    for name, checkpoint in checkpoints.items():
+        assert checkpoint.best_model_score.item() == pytest.approx(min(float(r[name]) for r in logged))
+    for name in ("val_loss_raw", "val_loss"):
+        saved = torch.load(best[name], weights_only=True)
+        ranked = saved["state_dict" if name == "val_loss" else "current_model_state"]
+        run.test(module, loader(n=16), ckpt_path=best[name], verbose=False, weights_only=True)
+        assert torch.equal(module.seen["test"][-1], torch.cat([ranked[k].flatten() for k in ("net.0.weight",
+                           "net.0.bias", "net.2.weight", "net.2.bias")])), name
+    ema_best = Net.load_from_checkpoint(best["val_loss"], weights_only=True)
+    saved = torch.load(best["val_loss"], weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in ema_best.state_dict().items())
+
+
+def test_resumes_a_checkpoint_of_lightnings_ema_weight_averaging(tmp_path):
+    """Issue 21 item 6: same layout (state_dict = EMA, current_model_state = raw,
+    averaging_state.n_averaged); the resumed fit goes on as EMAWeightAveraging would."""
+    def run(ema, folder, steps, ckpt_path=None):
+        module = Net()
+        run = trainer(tmp_path / folder, max_steps=steps, enable_checkpointing=True,
+                      callbacks=[ema, L.pytorch.callbacks.ModelCheckpoint(save_top_k=-1)])
+        run.fit(module, loader(batch_size=64), ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+        return module
+
+    lightning = run(L.pytorch.callbacks.EMAWeightAveraging(decay=0.9), "lightning", 6)  # ends holding its EMA
+    ours = ModelEMA(decay=0.9, schedule="fixed", end_with="raw")
+    resumed = run(ours, "resumed", 6, ckpt_path=tmp_path / "lightning" / "checkpoints" / "epoch=2-step=3.ckpt")
+    raw = torch.load(tmp_path / "lightning" / "checkpoints" / "epoch=5-step=6.ckpt", weights_only=True)
+    assert all(torch.equal(v, raw["current_model_state"][k]) for k, v in resumed.state_dict().items())
+    assert ours.updates == 6 and ours.last_step == 6
+    close(ema_flat(ours, resumed), flat(lightning))
+
+
+def test_evaluating_another_module_never_swaps_this_ema_into_it():
+    ema = ModelEMA(decay=0.9, schedule="fixed", end_with="raw")
+    _, _, run = fit(ema, steps=4)
+    other = Net()
+    with pytest.warns(UserWarning, match="this module is not the one the EMA averaged; it is evaluated as it is"):
+        run.test(other, loader(n=16), verbose=False)
+    assert torch.equal(other.seen["test"][-1], flat(Net()))

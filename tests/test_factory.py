@@ -3,6 +3,7 @@ checkpoints that load with weights_only=True."""
 
 import functools
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -13,8 +14,8 @@ from lit import Classifier, column, loader, logged_rows, trainer
 from omegaconf import OmegaConf
 from torch import nn
 
-from lightning_imex.factory import (WarmupCosine, build_optimizer, build_scheduler, optimizer_config,
-                                    parameter_groups)
+from lightning_imex.optimizers import build_optimizer, optimizer_config, parameter_groups
+from lightning_imex.schedules import WarmupCosine, build_scheduler
 from lightning_imex.optim import IMEXAdam
 
 
@@ -88,7 +89,7 @@ def test_optimizer_specs_agree():
 
 @pytest.mark.parametrize("spec,match", [
     ("adamm", r"optimizer.name must be one of \['adam', "),
-    ({"name": "adam", "learning_rate": 0.1}, "optimizer.learning_rate: unknown field for Adam; allowed: lr,"),
+    ({"name": "adam", "learning_rate": 0.1}, "optimizer.learning_rate: not a field of Adam; allowed: lr,"),
     ({"_target_": "torch.nn.Linear"}, "must name a torch.optim.Optimizer subclass"),
     ({"_target_": "torch.optim.Nope"}, r"optimizer._target_: cannot import 'torch.optim.Nope'"),
 ])
@@ -147,8 +148,8 @@ def test_plateau_watches_the_monitored_metric():
 @pytest.mark.parametrize("scheduler,match", [
     ({"name": "plateau"}, "scheduler.monitor is required by 'plateau'"),
     ({"name": "cosine"}, "scheduler.name must be one of"),
-    ({"name": "step", "step": 3}, "scheduler.step: unknown field for _step; allowed: step_size, gamma"),
-    ({"name": "constant", "interval": "batch"}, r"scheduler.interval must be one of \('step', 'epoch'\)"),
+    ({"name": "step", "step": 3}, "scheduler.step: not a field of scheduler 'step'; allowed: step_size, gamma"),
+    ({"name": "constant", "interval": "batch"}, "scheduler.interval must be one of 'step', 'epoch', got 'batch'"),
     ({"name": "constant", "frequency": 0}, "scheduler.frequency must be an integer >= 1"),
 ])
 def test_bad_scheduler_errors_name_the_field(scheduler, match):
@@ -176,15 +177,17 @@ def test_warmup_cosine_holds_its_final_value_past_the_end():
     assert lrs[2] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
 
 
-def test_warmup_cosine_resumed_with_a_longer_fit_keeps_its_plan_and_says_so():
+def test_warmup_cosine_resumed_with_a_longer_fit_keeps_its_plan_when_asked():
+    """(the other choices: tests/test_resume_extend.py)"""
     opt = build_optimizer(Net(), {"name": "adam", "lr": 0.1})
     planned = WarmupCosine(opt, total_steps=10, warmup_steps=2)
     for _ in range(6):
         opt.step()
         planned.step()
-    longer = WarmupCosine(build_optimizer(Net(), {"name": "adam", "lr": 0.1}), total_steps=40, warmup_steps=2)
-    with pytest.warns(UserWarning, match="plan ends at step 10, this fit's would at step 40: keeping the "
-                                         "checkpoint's"):
+    longer = WarmupCosine(build_optimizer(Net(), {"name": "adam", "lr": 0.1}), total_steps=40, warmup_steps=2,
+                          on_resume="keep")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         longer.load_state_dict(planned.state_dict())
     assert longer.total_steps == 10 and longer.get_last_lr() == planned.get_last_lr()
 

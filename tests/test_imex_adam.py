@@ -7,7 +7,7 @@ from reference import imex_step, paper_adam, scheme_masses, trapezoidal_mass, tr
 from torch import nn
 
 from lightning_imex.optim import TABLEAUX, IMEXAdam, PositivityWarning
-from lightning_imex.optim.plan import build_plan
+from lightning_imex.optim.plan import Correction, build_plan
 
 ATOL = 1e-6
 
@@ -126,13 +126,14 @@ def test_bias_correction_masses(beta):
         values = plan.scalars(lr=1.0, beta1=beta, beta2=beta, eps=0.0, weight_decay=0.0,
                               step=k, pending=False, bias_correction=True)
         # the start-point moment of step k+1 has the mass of k completed steps
-        assert 1 / values[("scale_m", 0)] == pytest.approx(trapezoidal_mass(beta, k), rel=1e-12)
-        assert 1 / values[("scale_m", 0)] == pytest.approx(scheme_masses(TABLEAUX["trapezoidal"], beta, k + 1)[-1][0])
+        assert 1 / values[Correction("scale_m", 0)] == pytest.approx(trapezoidal_mass(beta, k), rel=1e-12)
+        assert 1 / values[Correction("scale_m", 0)] == pytest.approx(
+            scheme_masses(TABLEAUX["trapezoidal"], beta, k + 1)[-1][0])
     euler = build_plan(TABLEAUX["euler"])
     values = euler.scalars(lr=1.0, beta1=beta, beta2=0.999, eps=0.0, weight_decay=0.0, step=4, pending=False,
                            bias_correction=True)
-    assert 1 / values[("scale_m", 1)] == pytest.approx(1 - beta ** 5, rel=1e-12)
-    assert 1 / values[("scale_v", 1)] ** 2 == pytest.approx(1 - 0.999 ** 5, rel=1e-12)
+    assert 1 / values[Correction("scale_m", 1)] == pytest.approx(1 - beta ** 5, rel=1e-12)
+    assert 1 / values[Correction("scale_v", 1)] ** 2 == pytest.approx(1 - 0.999 ** 5, rel=1e-12)
 
 
 def test_first_step_start_point_has_zero_mass_and_contributes_nothing():

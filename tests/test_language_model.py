@@ -157,9 +157,9 @@ def test_lstm_gives_logits_per_position():
     ({"name": "lstm", "embedding": 8, "hidden": 12, "tie_weights": True}, (7,), None,
      r"model.tie_weights needs model.embedding == model.hidden \(the decoder reuses the embedding matrix\), got "
      r"embedding 8 and hidden 12"),
-    ({"name": "lstm", "tie_weights": "yes"}, (7,), None, "model.tie_weights must be true or false"),
+    ({"name": "lstm", "tie_weights": "yes"}, (7,), None, r"model.tie_weights must be a bool \(true or false\), got 'yes'"),
     ({"name": "lstm", "layers": 0}, (7,), None, r"model.layers must be an integer >= 1, got 0"),
-    ({"name": "lstm", "dropout": 1}, (7,), None, r"model.dropout must be in \[0, 1\)"),
+    ({"name": "lstm", "dropout": 1}, (7,), None, r"model.dropout must be a number in \[0, 1\)"),
     ({"name": "lstm"}, (1, 8, 8), None, r"model 'lstm' needs token windows \(bptt,\)"),
     ({"name": "lstm"}, (7,), "classification", "model 'lstm' does not fit this dataset's task 'classification': it "
      r"needs a language-model dataset \(token windows\)"),

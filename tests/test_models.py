@@ -73,11 +73,14 @@ def test_mlp_options():
 
 
 @pytest.mark.parametrize("config,shape,match", [
-    ({"name": "nope"}, (1, 8, 8), r"model.name must be one of \['cnn', 'logreg', 'lstm', 'mlp', 'resnet', 'vgg'\]"),
+    ({"name": "nope"}, (1, 8, 8), "model.name must be one of 'cnn', 'logreg', 'lstm', 'mlp', 'resnet', 'vgg', "
+                                  "got 'nope'"),
     ({"name": "cnn"}, (2,), r"model 'cnn' needs image inputs .* use model=mlp"),
     ({"name": "mlp", "activation": "sigmoid"}, (2,), "model.activation must be one of"),
-    ({"name": "mlp", "dropout": 1.0}, (2,), r"model.dropout must be in \[0, 1\)"),
-    ({"name": "mlp", "width": 3}, (2,), "model 'mlp': .*unexpected keyword argument 'width'"),
+    ({"name": "mlp", "dropout": 1.0}, (2,), r"model.dropout must be a number in \[0, 1\) \(a drop probability\), "
+                                            "got 1.0"),
+    ({"name": "mlp", "width": 3}, (2,), "^model.width: not a field of model 'mlp'; allowed: hidden, activation, "
+                                        "dropout, batch_norm$"),
     ({"name": "vgg"}, (40,), r"model 'vgg' needs image inputs .* use model=mlp"),
     ({"name": "vgg", "widths": [8, "M", "M", "M", "M"]}, (1, 8, 8),
      r"model.widths has 4 max poolings \('M'\): a 8x8 image allows at most 3"),
@@ -86,7 +89,7 @@ def test_mlp_options():
     ({"name": "vgg", "widths": ["M"]}, (1, 8, 8), "model.widths needs at least one convolution"),
     ({"name": "vgg", "widths": []}, (1, 8, 8), "model.widths must be a non-empty list"),
     ({"name": "vgg", "widths": 64}, (1, 8, 8), "model.widths must be a non-empty list"),
-    ({"name": "vgg", "batch_norm": 1}, (1, 8, 8), "model.batch_norm must be true or false"),
+    ({"name": "vgg", "batch_norm": 1}, (1, 8, 8), "model.batch_norm must be a bool"),
 ])
 def test_errors_name_the_field(config, shape, match):
     with pytest.raises((ValueError, TypeError), match=match):

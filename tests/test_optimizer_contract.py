@@ -6,21 +6,11 @@ import pickle
 
 import pytest
 import torch
+from catalogue import catalogue_params
 from torch import nn
 
-from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
+from lightning_imex.optim import AdaMax, IMEXAdam
 
-CONFIGS = [
-    (IMEXAdam, {"tableau": "euler"}),
-    (IMEXAdam, {"tableau": "trapezoidal"}),
-    (IMEXAdam, {"tableau": "trapezoidal", "reuse_gradient": True}),
-    (IMEXAdam, {"tableau": "ssp3_433"}),
-    (AdaMax, {}),
-    (AdaMomentum, {}),
-    (ClippedAdam, {"clip": "coordinate"}),
-    (ClippedAdam, {"clip": "global"}),
-]
-IDS = [f"{cls.__name__}-{'-'.join(map(str, kw.values()))}" for cls, kw in CONFIGS]
 PATHS = [False, True]
 
 
@@ -36,7 +26,7 @@ def quadratic_steps(opt, params, steps=3):
 
 
 @pytest.mark.parametrize("fused", PATHS)
-@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("cls, kwargs", catalogue_params())
 def test_zero_learning_rate_leaves_parameters_unchanged(cls, kwargs, fused):
     # a schedule that starts at or reaches 0: ClippedAdam(clip="global") used to give 0/0 = NaN
     p = nn.Parameter(torch.randn(10))
@@ -46,7 +36,7 @@ def test_zero_learning_rate_leaves_parameters_unchanged(cls, kwargs, fused):
 
 
 @pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
-@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("cls, kwargs", catalogue_params())
 def test_copied_optimizer_steps_like_the_original(cls, kwargs, copy_with):
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(6))
@@ -77,14 +67,14 @@ def test_complex_parameters_step_as_their_real_view(cls, kwargs, reference, fuse
 
 
 @pytest.mark.parametrize("fused", PATHS)
-@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("cls, kwargs", catalogue_params())
 def test_complex_parameters_every_optimizer(cls, kwargs, fused):
     p = nn.Parameter(torch.randn(5, dtype=torch.complex64))
     quadratic_steps(cls([p], lr=0.1, fused=fused, **kwargs), [p])
     assert torch.isfinite(torch.view_as_real(p)).all() and p.dtype == torch.complex64
 
 
-@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("cls, kwargs", catalogue_params())
 def test_state_dict_without_a_newer_flag_loads_with_its_default(cls, kwargs):
     p = nn.Parameter(torch.randn(4))
     opt = cls([p], lr=0.1, **kwargs)
@@ -92,14 +82,14 @@ def test_state_dict_without_a_newer_flag_loads_with_its_default(cls, kwargs):
     saved = opt.state_dict()
     for group in saved["param_groups"]:
         del group["maximize"], group["fused"]
-    again = cls([p], lr=0.1, maximize=True, **kwargs)
+    again = cls([p], lr=0.1, **{**kwargs, "maximize": True})
     again.load_state_dict(saved)
     assert again.param_groups[0]["maximize"] is False  # the documented default, as torch fills it
     assert again.param_groups[0]["fused"] is None
     quadratic_steps(again, [p], 1)
 
 
-@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("cls, kwargs", catalogue_params())
 def test_bad_settings_fail_before_params_are_read(cls, kwargs):
     with pytest.raises(ValueError, match="lr must be a finite number >= 0, got -1"):
         cls(None, lr=-1, **kwargs)  # torch's contract: the settings are checked first
@@ -107,7 +97,7 @@ def test_bad_settings_fail_before_params_are_read(cls, kwargs):
         cls([nn.Parameter(torch.zeros(2))], lr=torch.tensor([1e-3, 1e-3]), **kwargs)
 
 
-@pytest.mark.parametrize("cls, kwargs", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("cls, kwargs", catalogue_params())
 def test_loaded_state_dict_is_the_saved_one(cls, kwargs):
     p = nn.Parameter(torch.randn(4))
     opt = cls([p], lr=0.1, **kwargs)

@@ -1,8 +1,10 @@
 """Packaging promises: layering, configs, and the README's two commands in CI (the README's
 blocks themselves: test_readme.py)."""
 
+import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +26,8 @@ def imported(modules: str, watched: set[str]) -> list[str]:
 
 
 FRAMEWORKS = {"lightning", "pytorch_lightning", "hydra", "omegaconf"}
-APP = {"hydra", "lightning_imex.train", "lightning_imex.config", "lightning_imex.data", "lightning_imex.models",
-       "lightning_imex.task", "lightning_imex.compare"}
+APP = {"hydra", "lightning_imex.train", "lightning_imex.app", "lightning_imex.config", "lightning_imex.data",
+       "lightning_imex.models", "lightning_imex.task", "lightning_imex.compare"}
 
 
 @pytest.mark.parametrize("modules,watched", [
@@ -35,6 +37,42 @@ APP = {"hydra", "lightning_imex.train", "lightning_imex.config", "lightning_imex
 ])
 def test_layers_import_only_the_layers_before_them(modules, watched):
     assert imported(modules, watched) == []
+
+
+def optim_imports(module: str) -> set[str]:
+    """The modules of lightning_imex.optim that ``module`` (one of them) imports, anywhere in it."""
+    tree = ast.parse((ROOT / "lightning_imex" / "optim" / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {alias.name for alias in node.names}
+    return found
+
+
+# Below the dispatcher (kernel.py) and the optimizer runtime (base.py): what each may import.
+OPTIM_LOWER = {
+    "program": set(), "tableau": set(), "cache": set(), "toolkit": {"program"},
+    "cpu_backend": {"cache", "program", "toolkit"}, "triton_backend": {"cache", "program", "toolkit"},
+    "plan": {"program", "tableau"},
+}
+
+
+def test_optim_modules_import_no_circle_and_backends_sit_below_the_dispatcher():
+    modules = [p.stem for p in (ROOT / "lightning_imex" / "optim").glob("*.py") if p.stem != "__init__"]
+    graph = {m: optim_imports(m) & set(modules) for m in modules}
+    for module, allowed in OPTIM_LOWER.items():
+        assert graph[module] <= allowed, f"{module} imports {sorted(graph[module] - allowed)}"
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import circle: {' -> '.join(path + (module,))}"
+        if module not in done:
+            for imported_module in graph[module]:
+                visit(imported_module, path + (module,))
+            done.add(module)
+
+    for module in modules:
+        visit(module, ())
 
 
 @pytest.mark.filterwarnings("ignore::lightning_imex.optim.PositivityWarning")
@@ -67,8 +105,11 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.slow
 def test_configs_ship_with_a_plain_install(tmp_path):
     """After a non-editable ``pip install .``, the app finds its configs in the package."""
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
+    site, source = tmp_path / "site", tmp_path / "source"
+    # from a copy without build outputs: a stale build/ would hide a package missing from pyproject.toml
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                "outputs", "multirun", "lightning_logs"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(source)],
                    check=True, capture_output=True, timeout=300)
     code = ("import lightning_imex, lightning_imex.train\n"
             "from hydra import compose, initialize_config_module\n"
@@ -78,3 +119,5 @@ def test_configs_ship_with_a_plain_install(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                          check=True, capture_output=True, text=True, timeout=120).stdout.split()
     assert out == [str(site / "lightning_imex" / "__init__.py"), "trapezoidal", "spirals"]
+    packages = {d.relative_to(ROOT) for d in (ROOT / "lightning_imex").rglob("__init__.py")}
+    assert {p for p in packages if not (site / p).is_file()} == set()  # every subpackage is installed

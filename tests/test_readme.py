@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 SLOW_MARK = "<!-- readme-test: slow -->"
-LANGUAGES = ("python", "bash", "text")
+LANGUAGES = ("python", "bash", "text", "yaml")
 
 
 # ------------------------------------------------------------------ code blocks
@@ -82,7 +82,18 @@ def test_every_block_has_a_checked_language():
     for block in BLOCKS:
         assert block.language in LANGUAGES, (
             f"{block.where}: a ```{block.language or '(no language)'} block; use one of {LANGUAGES} "
-            "(python and bash blocks are run or checked by tests/test_readme.py)")
+            "(python, bash and yaml blocks are run or checked by tests/test_readme.py)")
+
+
+@pytest.mark.parametrize("block", params("yaml"))
+def test_yaml_blocks_are_recipes_that_load(block: Block):
+    """A ```yaml block shows a compare recipe: it must parse and pass the recipe checks."""
+    import yaml
+
+    from lightning_imex.compare.recipe import parse_recipe
+
+    recipe = parse_recipe("readme", yaml.safe_load(block.code), block.where)
+    assert recipe.optimizers, f"{block.where}: a recipe without optimizers"
 
 
 def test_text_blocks_are_output_not_commands():
@@ -460,7 +471,7 @@ def test_citation_check_catches_mistakes():
     assert cited_docs("(docs/algorithms.md, sections 1, 4 and 5)") == [("algorithms.md", ["1", "4", "5"])]
     assert cited_docs("see docs/optimizer-core.md") == [("optimizer-core.md", [])]
     assert cited_docs("(docs/algorithms.md,\nsection 6)") == [("algorithms.md", ["6"])]
-    assert "7" not in algorithm_sections() and "2.6" in algorithm_sections()
+    assert "99" not in algorithm_sections() and "2.6" in algorithm_sections()
 
 
 # ------------------------------------------------------------------ python blocks

@@ -62,7 +62,7 @@ def test_accepts_any_sequences_and_is_hashable():
     (dict(a_implicit=[[0, 0.5], [0.5, 0.5]]), "a_implicit", "lower triangular"),
     (dict(b_explicit=[0.5, 0.6]), "b_explicit", "sum to 1"),
     (dict(b_implicit=[1.0]), "b_implicit", "one per stage"),
-    (dict(order=0), "order", "positive int"),
+    (dict(order=0), "order", "order must be an integer >= 1, got 0"),
     (dict(a_explicit=[[0, 0], [float("nan"), 0]]), "", "finite"),
 ])
 def test_malformed_tableau_raises_naming_the_field(change, field, message):

@@ -18,7 +18,7 @@ import torch
 
 from triton_interpret_run import CHECKS, adam_event, every_operator_event
 
-from lightning_imex.optim.kernel import kernel_buffers
+from lightning_imex.optim.toolkit import kernel_buffers
 from lightning_imex.optim.program import Kernel, lower
 from lightning_imex.optim.triton_backend import BACKEND, BLOCK, NUM_WARPS, _import_kernel, triton_source
 
@@ -87,7 +87,8 @@ def test_kernel_source_written_once_to_the_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     source = triton_source(lower(adam_event()), torch.float32)
     first, second = _import_kernel(source), _import_kernel(source)
-    (path,) = (tmp_path / "triton").iterdir()
+    path, digest = sorted((tmp_path / "triton").iterdir())  # the source and its digest (lightning_imex.optim.cache)
+    assert digest.name == path.name + ".sha256"
     assert path.read_text() == source and first.src == second.src and "def imex_kernel(" in first.src
 
 

@@ -2,7 +2,10 @@
 
 Run as ``TRITON_INTERPRET=1 python triton_interpret_run.py RESULTS.json [CHECK ...]``
 (``test_triton_backend.py`` does, in a subprocess: the variable must be set before any
-kernel is defined). Writes one JSON object, check name -> ``"ok"`` or the failure."""
+kernel is defined). Writes one JSON object, check name -> ``"ok"`` or the failure.
+
+With ``LIGHTNING_IMEX_TRITON_DEVICE=cuda`` (and no ``TRITON_INTERPRET``) the same checks
+run compiled, on CUDA tensors (``benchmarks/gpu_check.py`` does)."""
 
 from __future__ import annotations
 
@@ -18,11 +21,14 @@ from torch import nn
 from torch.testing import assert_close
 
 from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam, kernel
-from lightning_imex.optim.kernel import Batch, PointerTables
+from lightning_imex.optim.kernel import Batch
+from lightning_imex.optim.toolkit import PointerTables
 from lightning_imex.optim.program import Event, clamp, lower, maximum, minimum, run_eager, runtime, scalar, sqrt, tensor
 from lightning_imex.optim.triton_backend import BACKEND, BLOCK
 
 CHECKS: dict[str, Callable[[], None]] = {}
+# where the checks' tensors live (the default device while they run): cpu, interpreted
+DEVICE = torch.device(os.environ.get("LIGHTNING_IMEX_TRITON_DEVICE", "cpu"))
 
 # Tables mix a one-element tensor, a short one and one of many blocks plus one element
 # (SIZES), or of one block plus a tail (SMALL_SIZES, where the large one would only cost time).
@@ -204,7 +210,7 @@ def partial_sums_per_block() -> None:
     buffers = {**adam_buffers(make), "g": gradients(make)}
     eager = {name: [t.clone() for t in ts] for name, ts in buffers.items()}
     coefficients = lowered.coefficient_values(ADAM_VALUES)
-    tables = PointerTables(torch.device("cpu"), SIZES)
+    tables = PointerTables(DEVICE, SIZES)
     partial = BACKEND.launch(lowered, torch.float32, tables, buffers, coefficients, {})
     assert partial.dtype == torch.float64 and partial.shape == (sum(-(-n // BLOCK) for n in SIZES),)
     assert_close(partial.sum(), torch.stack(run_eager(lowered, eager, coefficients)).sum(), rtol=1e-10, atol=0)
@@ -241,7 +247,7 @@ def train(name: str, fused: bool, steps: int = 3) -> nn.Module:
               {"params": [first.weight, last.weight], "lr": 3e-3, "betas": (0.8, 0.99)},
               {"params": [first.bias, last.bias]}]
     optimizer = OPTIMIZERS[name](groups, fused)
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(DEVICE).manual_seed(1)
     x, y = torch.randn(8, 3, 6, 6, generator=generator), torch.randint(0, 3, (8,), generator=generator)
 
     def closure():
@@ -257,15 +263,15 @@ def train(name: str, fused: bool, steps: int = 3) -> nn.Module:
 
 @contextmanager
 def triton_for_cpu_tensors() -> Iterator[list[int]]:
-    """Makes the Triton backend the compiled backend of CPU tensors; yields the number of
-    its launches so far (a one-element list)."""
+    """Makes the Triton backend the compiled backend of the checks' tensors (CPU ones
+    included); yields the number of its launches so far (a one-element list)."""
     backends, launch, launches = kernel._BACKENDS, BACKEND.launch, [0]
 
     def counted(*args):
         launches[0] += 1
         return launch(*args)
 
-    kernel._BACKENDS, BACKEND.launch = {"cpu": BACKEND}, counted
+    kernel._BACKENDS, BACKEND.launch = {DEVICE.type: BACKEND}, counted
     try:
         yield launches
     finally:
@@ -287,8 +293,10 @@ for _name in OPTIMIZERS:
 
 
 def main(out: str, names: list[str]) -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("set TRITON_INTERPRET=1: these checks run Triton's interpreter on CPU tensors")
+    if (os.environ.get("TRITON_INTERPRET") == "1") != (DEVICE.type == "cpu"):
+        raise SystemExit("set TRITON_INTERPRET=1 (Triton's interpreter on CPU tensors), or "
+                         "LIGHTNING_IMEX_TRITON_DEVICE=cuda without it (compiled kernels)")
+    torch.set_default_device(DEVICE)
     # the tensors are tiny: idle OpenMP threads spinning on a busy machine would cost 100x
     torch.set_num_threads(1)
     results = {}

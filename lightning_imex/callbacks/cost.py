@@ -34,9 +34,19 @@ class TrainingCost(L.Callback):
     For checking a comparison's fairness, :attr:`initial_weights` is a digest of the
     weights when a fresh fit starts and :attr:`batch_digests` those of its first
     ``DIGESTED_BATCHES`` training batches (same seed, same digests: same initial model and
-    data order)."""
+    data order).
+
+    Every fit counts from zero (a resumed one from the checkpoint's counters): a callback
+    reused for a second fit does not add it to the first's."""
 
     def __init__(self) -> None:
+        self._new_fit()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a resumed fit loads its counters
+            self._new_fit()
+
+    def _new_fit(self) -> None:
         self.gradient_evaluations = 0
         self.train_seconds = 0.0
         self.initial_weights: str | None = None
@@ -89,5 +99,7 @@ def _digest(tensors: Any) -> str:
     sha = hashlib.sha256()
     for tensor in tensors:
         if isinstance(tensor, torch.Tensor):
+            if hasattr(tensor, "full_tensor"):  # a shard (DTensor, FSDP2): the digest is the whole tensor's
+                tensor = tensor.full_tensor()
             sha.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()[:16]

@@ -1,28 +1,34 @@
-"""``ModelEMA``: an exponential moving average of the model's weights (docs/algorithms.md,
-sections 1, 4 and 5), updated once per optimizer step in one foreach pass, swapped in for
-validation, test and predict, and checkpointed so that a resumed fit continues exactly."""
+"""``ModelEMA``: the Lightning callback over :class:`lightning_imex.ema.EMA` (docs/algorithms.md,
+sections 1, 4 and 5): one update per optimizer step, the EMA swapped in for validation,
+test and predict, and checkpointed so that a resumed fit continues exactly."""
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ..optim.clipped_adam import EMA_SCHEDULES
+from ..clipping import step_skipped
+from ..ema import DTENSOR, EMA, SCHEDULES, check_options, decay_from_optimizer, tracked_tensors
+from ..ema_offload import build_ema
+from ..validate import boolean, choice, integer
 
-__all__ = ["EVALUATE", "SCHEDULES", "ModelEMA"]
+__all__ = ["EVALUATE", "RAW_SUFFIX", "SCHEDULES", "ModelEMA"]
 
-SCHEDULES = EMA_SCHEDULES
 EVALUATE = ("ema", "raw", "both")
 SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
 RAW_SUFFIX = "_raw"
+# other callbacks that put averaged weights into the module: with ModelEMA, the result
+# would depend on the order of the callbacks
+AVERAGING = (StochasticWeightAveraging, WeightAveraging)
 
 
 class ModelEMA(L.Callback):
@@ -32,14 +38,11 @@ class ModelEMA(L.Callback):
         decay: ``d`` in (0, 1), or ``"optimizer"``: the first parameter group's
             ``betas[0]`` (the Ahn-Cutkosky coupling; the schedule then defaults to the
             group's ``ema_schedule`` if it sets one, else ``zero_start``).
-        schedule: ``fixed`` (``e_0 = theta_0``, ``d_k = d``); ``warmup`` (the default for
-            a float decay: ``d_k = min(d, (1 + k) / (10 + k))``); ``power``
-            (``d_k = clamp(1 - (1 + k / gamma)^-power, min_decay, d)``); ``zero_start``
-            (``e_0 = 0``, reports ``e_k / (1 - d^k)``: the Adam paper's bias-corrected
-            temporal average). ``k`` = 1, 2, ... counts the optimizer steps since the EMA
-            started.
-        gamma, power, min_decay: the ``power`` schedule's constants.
-        update_every: update every N optimizer steps with ``d_k^N``, the skipped steps' decay.
+        schedule, gamma, power, min_decay, update_every, include_buffers, device: as
+            :class:`~lightning_imex.ema.EMA` (``fixed``, ``warmup``: the default for a float
+            decay, ``power``, ``zero_start``). ``k`` = 1, 2, ... counts the optimizer steps
+            since the EMA started; a step the module skipped
+            (:class:`~lightning_imex.clipping.SkipsSteps`) is not counted.
         start_step: the EMA starts at the weights after this many optimizer steps; before
             its first update nothing is swapped.
         evaluate: what validation runs on: ``ema``, ``raw``, or ``both``: the EMA under the
@@ -47,18 +50,29 @@ class ModelEMA(L.Callback):
             appended (``val_loss_raw``); each torchmetrics ``Metric`` of the module gets a
             twin for the raw pass.
         swap_test, swap_predict: test and predict on the EMA weights.
-        include_buffers: average floating-point buffers (BatchNorm statistics) and copy
-            integer ones; otherwise the EMA model uses the module's buffers.
-        device: where the EMA lives (e.g. ``"cpu"`` to keep it off the accelerator);
-            ``None``: beside each weight.
         end_with: ``ema`` or ``raw``: the weights the module holds after fit.
         export_path: at the end of fit, write the EMA weights there as a plain
             ``state_dict`` (loads with ``torch.load(..., weights_only=True)``).
 
+    Every fit starts a new average from the module's weights (those of the checkpoint when
+    it resumes from one): nothing carries over from an earlier fit of this callback.
+
     Checkpoints have the layout of Lightning's ``EMAWeightAveraging``: ``state_dict`` holds
     the EMA weights (so ``load_from_checkpoint`` gives the EMA model), ``current_model_state``
     the raw weights, ``averaging_state`` the update count; the callback's own state holds
-    the counters that make a resumed fit bit-identical.
+    the counters that make a resumed fit bit-identical. A fit resumes from an
+    ``EMAWeightAveraging`` checkpoint too. Validate / test / predict given a checkpoint
+    evaluate its weights: the EMA, or the raw ones where the stage evaluates raw weights
+    or where the checkpoint is the best of a ``ModelCheckpoint`` that monitors a ``_raw``
+    metric (the weights it ranked).
+
+    Under FSDP2 (:class:`~lightning_imex.sharding.FSDP2Strategy`, the app's ``strategy=fsdp``)
+    each rank averages and swaps its own shards of the weights (nothing gathered, the EMA
+    per rank the size of its shard); checkpoints hold the EMA and the raw weights as
+    DTensors in the sharded part, so that each rank restores its own; ``export_path`` is
+    gathered once, at the end. FSDP1 (``FSDPStrategy``) is refused.
+
+    Override :meth:`make_ema` to average with a subclass of :class:`~lightning_imex.ema.EMA`.
     """
 
     def __init__(
@@ -79,24 +93,15 @@ class ModelEMA(L.Callback):
         end_with: str = "ema",
         export_path: str | os.PathLike | None = None,
     ) -> None:
-        if decay != "optimizer" and not (_is_number(decay) and 0 < decay < 1):
-            raise ValueError(f"decay must be a number in (0, 1) or 'optimizer', got {decay!r}")
-        for name, value, allowed in (("schedule", schedule, (*SCHEDULES, None)), ("evaluate", evaluate, EVALUATE),
-                                     ("end_with", end_with, ("ema", "raw"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        for name, value, low in (("update_every", update_every, 1), ("start_step", start_step, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, value, ok, allowed in (("gamma", gamma, lambda v: v > 0, "> 0"),
-                                         ("power", power, lambda v: v > 0, "> 0"),
-                                         ("min_decay", min_decay, lambda v: 0 <= v < 1, "in [0, 1)")):
-            if not (_is_number(value) and ok(value)):
-                raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
-        for name, value in (("swap_test", swap_test), ("swap_predict", swap_predict),
-                            ("include_buffers", include_buffers)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
+        check_options(decay=decay, schedule=schedule, gamma=gamma, power=power, min_decay=min_decay,
+                      update_every=update_every, include_buffers=include_buffers)
+        if isinstance(decay, torch.optim.Optimizer):
+            raise ValueError("decay must be a number in (0, 1) or 'optimizer', got an optimizer instance")
+        choice("evaluate", evaluate, EVALUATE)
+        choice("end_with", end_with, ("ema", "raw"))
+        integer("start_step", start_step, 0)
+        boolean("swap_test", swap_test)
+        boolean("swap_predict", swap_predict)
         try:
             self.device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError):
@@ -106,225 +111,276 @@ class ModelEMA(L.Callback):
         self.update_every, self.start_step = update_every, start_step
         self.evaluate, self.swap_test, self.swap_predict = evaluate, swap_test, swap_predict
         self.include_buffers, self.end_with, self.export_path = include_buffers, end_with, export_path
+        self._new_fit()
+
+    def _new_fit(self) -> None:
+        """Forgets everything a fit keeps: the next fit starts a new average."""
         self.decay: float | None = None  # resolved at fit start
         self.schedule: str | None = None
-        self.updates = 0
-        self.last_step = -1  # trainer.global_step at the EMA's start or last update
-        self.decay_product = 1.0  # prod d: zero_start's bias correction
-        self.ema: list[Tensor] | None = None  # the copy of the tracked tensors the module does not hold
-        self.holding = "raw"  # which copy the module holds
-        self._tracked: tuple[list[Tensor], list[Tensor]] | None = None
+        self.ema: EMA | None = None  # the average, from start_step on
+        self.last_step = -1  # trainer.global_step at the EMA's start or latest step
+        self._resumed: tuple[list[Tensor], dict[str, Any]] | None = None  # a checkpoint's, until built
         self._swapped_for_stage = False
+        self._twins: dict[str, nn.Module] | None = None
 
-    # ---------------------------------------------------------------- tensors
-    def tracked(self, pl_module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        """(averaged, copied): the module's weights and floating buffers, and its integer
-        buffers, in registration order: matched by order and identity, not by names, which
-        torch.compile prefixes with ``_orig_mod.``. Cached per process (reset in ``setup``)."""
-        if self._tracked is None:
-            averaged, copied = list(pl_module.parameters()), []
-            if self.include_buffers:
-                for b in pl_module.buffers():
-                    (averaged if b.is_floating_point() else copied).append(b)
-            self._tracked = averaged, copied
-        return self._tracked
+    def make_ema(self, pl_module: nn.Module) -> EMA:
+        """The average of ``pl_module`` from its current weights (decay and schedule resolved);
+        with ``device="cpu"`` and a CUDA module, updated off the critical path (``OffloadedEMA``)."""
+        return build_ema(pl_module, self.decay, self.schedule, gamma=self.gamma, power=self.power,
+                         min_decay=self.min_decay, update_every=self.update_every,
+                         include_buffers=self.include_buffers, device=self.device)
 
-    def _all(self, pl_module: nn.Module) -> list[Tensor]:
-        averaged, copied = self.tracked(pl_module)
-        return averaged + copied
-
-    def _copy(self, pl_module: nn.Module) -> list[Tensor]:
-        return [t.detach().to(self.device, copy=True) for t in self._all(pl_module)]
-
-    # ---------------------------------------------------------------- the average
-    def decay_at(self, k: int) -> float:
-        """``d_k``, for the update ``k`` optimizer steps after the EMA started (k >= 1)."""
-        if self.schedule == "warmup":
-            return min(self.decay, (1 + k) / (10 + k))
-        if self.schedule == "power":
-            return min(self.decay, max(self.min_decay, 1 - (1 + k / self.gamma) ** -self.power))
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, pl_module: nn.Module) -> None:
-        """One update in one foreach pass: ``e = lerp(e, theta, w)``, ``w = 1 - d_k^N``.
-        ``zero_start`` keeps ``e`` bias-corrected as it goes: ``w = (1 - d^N) / (1 - prod d)``
-        turns ``a_k = d a_{k-1} + (1 - d) theta_k`` into ``a_k / (1 - prod d)`` exactly, so
-        swaps and checkpoints need no correction pass, and the first update (``w = 1``)
-        makes the zero start implicit."""
-        decay = self.decay_at((self.updates + 1) * self.update_every) ** self.update_every
-        self.decay_product *= decay
-        weight = (1 - decay) / (1 - self.decay_product) if self.schedule == "zero_start" else 1 - decay
-        averaged, copied = self.tracked(pl_module)
-        sources = averaged if self.device is None else [t.detach().to(self.device) for t in averaged]
-        torch._foreach_lerp_(self.ema[: len(averaged)], sources, weight)
-        if copied:
-            torch._foreach_copy_(self.ema[len(averaged):], copied)
-        self.updates += 1
-
-    @torch.no_grad()
-    def swap(self, pl_module: nn.Module) -> None:
-        """Exchanges the module's tensors and the EMA. On one device the storages trade places
-        (``.data``: nothing allocated, the Parameters and the optimizer's references stay);
-        across devices (``device=``), through one tensor-sized temporary at a time."""
-        for i, t in enumerate(self._all(pl_module)):
-            other = self.ema[i]
-            if other.device == t.device:
-                t.data, self.ema[i] = other, t.data
-            else:
-                held = t.detach().to(other.device, copy=True)
-                t.detach().copy_(other)
-                other.copy_(held)
-        self.holding = "ema" if self.holding == "raw" else "raw"
-
-    def ema_state_dict(self, pl_module: nn.Module) -> dict[str, Tensor]:
-        """The module's ``state_dict`` with the EMA weights."""
-        return self._other_state_dict(pl_module) if self.holding == "raw" else pl_module.state_dict()
-
-    def _other_state_dict(self, pl_module: nn.Module) -> dict[str, Tensor]:
-        """The module's ``state_dict`` with the copy it does not hold in place of the tracked tensors."""
-        index = {id(t): i for i, t in enumerate(self._all(pl_module))}
-        return {name: self.ema[index[id(t)]] if id(t) in index else t.detach()
-                for name, t in pl_module.state_dict(keep_vars=True).items()}
+    @property
+    def updates(self) -> int:
+        return 0 if self.ema is None else self.ema.updates
 
     # ---------------------------------------------------------------- fit
+    @staticmethod
+    def check_strategy(strategy: Any) -> None:
+        """One line where ``strategy`` shards the weights in a way the EMA cannot follow:
+        FSDP1's flat parameters, or a sharded strategy whose checkpoint would not hold the
+        EMA's shards (only :class:`~lightning_imex.sharding.FSDP2Strategy` saves them)."""
+        names = [c.__name__ for c in type(strategy).__mro__]
+        if "FSDPStrategy" in names:
+            raise RuntimeError("ModelEMA does not average FSDPStrategy's sharded weights: FSDP1 flattens each unit's "
+                               "parameters into one FlatParameter whose shard boundaries cut across parameters; use "
+                               "lightning_imex.sharding.FSDP2Strategy (fully_shard: per-parameter DTensor shards; "
+                               "strategy=fsdp in the app), or 'ddp'")
+        if any(name in SHARDED for name in names) and not getattr(strategy, "saves_weight_copies", False):
+            raise RuntimeError(f"ModelEMA under {type(strategy).__name__} needs lightning_imex.sharding.FSDP2Strategy "
+                               "with save_distributed_checkpoint=True (strategy=fsdp in the app): its sharded "
+                               "checkpoint holds the EMA's shards, which this strategy's checkpoint would not")
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy)
-        if any(c.__name__ in SHARDED for c in strategy.__mro__):
-            raise RuntimeError(f"ModelEMA does not average sharded weights ({strategy.__name__}): use a strategy in "
-                               "which each rank holds the whole model (e.g. 'ddp')")
-        self._tracked = None  # this process's module (ddp_spawn unpickles a copy)
+        self.check_strategy(trainer.strategy)
+        if stage != "fit":
+            return
+        others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, AVERAGING)]
+        if others:
+            raise ValueError(f"ModelEMA cannot run with {', '.join(others)}: both put averaged weights into the "
+                             "module for validation and at the end of fit, so the result would depend on the "
+                             "callbacks' order; use one of them")
+        self._new_fit()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.holding == "ema":  # an earlier fit ended with the EMA in the module
-            self.swap(pl_module)
         if self.decay_option == "optimizer":
-            group = trainer.optimizers[0].param_groups[0]
-            if "betas" not in group:
-                raise ValueError(f"decay='optimizer' reads the first parameter group's betas[0]; "
-                                 f"{type(trainer.optimizers[0]).__name__} has no betas")
-            self.decay = float(group["betas"][0])
-            self.schedule = self.schedule_option or group.get("ema_schedule") or "zero_start"
+            self.decay, self.schedule = decay_from_optimizer(trainer.optimizers[0], self.schedule_option)
         else:
             self.decay, self.schedule = float(self.decay_option), self.schedule_option or "warmup"
+        self._build_resumed(pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._build_resumed(pl_module)  # a strategy that restores checkpoints after on_fit_start
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self.ema is None and trainer.global_step >= self.start_step:
-            self.ema, self.last_step = self._copy(pl_module), trainer.global_step  # e_0
+            self.ema, self.last_step = self.make_ema(pl_module), trainer.global_step  # e_0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # global_step counts optimizer steps: with gradient accumulation, or an optimizer that
         # evaluates its closure several times (IMEX), still one update per step
-        if self.ema is not None and getattr(pl_module, "last_step_skipped", False):
-            self.last_step += 1  # a step skipped for non-finite gradients (IMEXModule) is not a step
+        if self.ema is None or trainer.global_step == self.last_step:
             return
-        if self.ema is not None and trainer.global_step >= self.last_step + self.update_every:
-            self.last_step = trainer.global_step
-            self.update(pl_module)
+        self.last_step = trainer.global_step
+        if not step_skipped(pl_module):  # a step skipped for non-finite gradients is not a step
+            self.ema.update()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.updates == 0:
             return
-        if self.export_path is not None and trainer.is_global_zero:
-            Path(self.export_path).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu() for k, v in self.ema_state_dict(pl_module).items()}, self.export_path)
+        if self.export_path is not None:
+            whole = {}
+            for name, t in self.ema.averaged_state_dict().items():
+                if self.ema.sharded and isinstance(t, DTENSOR):  # gathered, once, with every rank taking part
+                    t = t.full_tensor()
+                if trainer.is_global_zero:
+                    whole[name] = t.detach().cpu()
+            if trainer.is_global_zero:
+                _save_atomically(whole, Path(self.export_path))
             rank_zero_info(f"ModelEMA: EMA weights written to {self.export_path}")
-        if self.end_with == "ema":
-            self.swap(pl_module)
+        if self.end_with == "ema" and self.ema.holding == "raw":
+            self.ema.swap()
 
     # ---------------------------------------------------------------- evaluation
     def _swap_in(self, wanted: bool, pl_module: nn.Module) -> None:
-        if wanted and self.updates > 0 and self.holding == "raw":  # no EMA before the first update
-            self.swap(pl_module)
+        ema = self.ema
+        if wanted and ema is not None and ema.updates > 0 and ema.holding == "raw":  # no EMA before the first update
+            if ema.model is not pl_module:
+                rank_zero_warn("ModelEMA: this module is not the one the EMA averaged; it is evaluated as it is")
+                return
+            ema.swap()
             self._swapped_for_stage = True
 
-    def _swap_out(self, pl_module: nn.Module) -> None:
+    def _swap_out(self) -> None:
         if self._swapped_for_stage:
-            self.swap(pl_module)
+            self.ema.swap()
             self._swapped_for_stage = False
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._build_resumed(pl_module)
         self._swap_in(self.evaluate != "raw", pl_module)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.evaluate == "both" and self.updates > 0 and self.holding == "ema":
-            twins = {name: m.clone() for name, m in _top_metrics(pl_module)}
-            pl_module.__dict__["validation_step"] = functools.partial(
-                self._ema_then_raw, pl_module, pl_module.validation_step, twins)
+        ema = self.ema
+        if self.evaluate == "both" and ema is not None and ema.holding == "ema" and ema.model is pl_module:
+            self._twins = {name: m.clone() for name, m in _top_metrics(pl_module)}
 
-    def _ema_then_raw(self, pl_module: L.LightningModule, step: Callable, twins: dict[str, nn.Module], *args: Any,
-                      **kwargs: Any) -> Any:
-        """evaluate="both": the module's validation step on the EMA, then on the raw weights
-        with every logged name suffixed and the metrics' twins in place of the metrics."""
-        output = step(*args, **kwargs)
-        originals = {name: _set_submodule(pl_module, name, twin) for name, twin in twins.items()}
-        twin_names = {id(twin): name for name, twin in twins.items()}
-        pl_module.__dict__["log"] = functools.partial(_raw_log, pl_module.log, twin_names)
-        self.swap(pl_module)
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int | None = None) -> None:
+        """evaluate="both": the module's validation step ran on the EMA; it runs again on the
+        raw weights, through a view of the module that logs every name with ``_raw``
+        appended and holds each metric's twin in its place (the module is not touched)."""
+        if self._twins is None:
+            return
+        extra = {} if dataloader_idx is None else {"dataloader_idx": dataloader_idx}  # as Lightning passed it
+        self.ema.swap()
         try:
-            step(*args, **kwargs)
+            _raw_view(pl_module, self._twins).validation_step(batch, batch_idx, **extra)
         finally:
-            self.swap(pl_module)
-            del pl_module.__dict__["log"]
-            for name, original in originals.items():
-                _set_submodule(pl_module, name, original)
-        return output
+            self.ema.swap()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.__dict__.pop("validation_step", None)
+        self._twins = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_out(pl_module)
+        self._swap_out()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swap_in(self.swap_test, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_out(pl_module)
+        self._swap_out()
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swap_in(self.swap_predict, pl_module)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_out(pl_module)
+        self._swap_out()
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "last_step": self.last_step, "decay_product": self.decay_product}
+        return {"last_step": self.last_step, "ema": None if self.ema is None else self.ema.counters()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.updates, self.last_step = state_dict["updates"], state_dict["last_step"]
-        self.decay_product = state_dict["decay_product"]
+        if "ema" not in state_dict:
+            raise ValueError("ModelEMA: the checkpoint's ModelEMA state has no 'ema' counters (written before "
+                             "lightning_imex.ema.EMA); resume it with the version that wrote it, or start a new fit")
+        self.last_step = state_dict["last_step"]
+        if self._resumed is not None and state_dict["ema"] is not None:
+            self._resumed = self._resumed[0], state_dict["ema"]
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.ema is None:
             return
-        held, other = checkpoint["state_dict"], self._other_state_dict(pl_module)
-        checkpoint["state_dict"], checkpoint["current_model_state"] = (other, held) if self.holding == "raw" else (
-            held, other)
-        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.updates)}
+        checkpoint["state_dict"] = self.ema.averaged_state_dict()
+        checkpoint["current_model_state"] = self.ema.raw_state_dict()
+        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.updates)}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning has loaded state_dict (the EMA, if the checkpoint has one) into the module
+        if trainer.state.fn != TrainerFn.FITTING:  # evaluate the checkpoint's weights, not an earlier fit's EMA
+            self.ema = None
+            if "current_model_state" in checkpoint and self._evaluates_raw(trainer, checkpoint):
+                pl_module.load_state_dict(checkpoint["current_model_state"])
+            elif trainer.state.fn == TrainerFn.VALIDATING and self.evaluate == "both":
+                rank_zero_warn("ModelEMA: validate given a checkpoint runs on its EMA weights only; "
+                               "evaluate='both' logs the raw pass during fit")
+            return
         if "current_model_state" not in checkpoint:
             return
-        # Lightning has loaded state_dict, the EMA, into the module: that becomes the EMA,
-        # and the raw weights go back in
-        self.ema, self.holding = self._copy(pl_module), "raw"
+        # a fit: the module's weights become the EMA, and the raw weights go back in. The
+        # counters come with the callback's state; a checkpoint of Lightning's
+        # EMAWeightAveraging has none: it updated on every step since its first average
+        average = [t.detach().clone() for t in tracked_tensors(pl_module, self.include_buffers)[0]]
+        n = int(checkpoint.get("averaging_state", {}).get("n_averaged", 0))
+        self._resumed = average, {"steps": n, "updates": n, "lightning": True}
+        self.last_step = checkpoint["global_step"]
         pl_module.load_state_dict(checkpoint["current_model_state"])
 
+    def _build_resumed(self, pl_module: nn.Module) -> None:
+        """The resumed EMA, once the checkpoint's tensors and counters and the fit's decay are known."""
+        if self._resumed is None or self.decay is None:
+            return
+        average, counters = self._resumed
+        self.ema = self.make_ema(pl_module)
+        if counters.get("lightning"):  # constant decay, no bias correction to carry
+            counters = {**self.ema.counters(), "steps": counters["steps"], "updates": counters["updates"],
+                        "decay_product": self.ema.decay ** counters["updates"]}
+        self.ema.load_state_dict({"average": average, **counters})
+        self._resumed = None
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    def _evaluates_raw(self, trainer: L.Trainer, checkpoint: dict) -> bool:
+        """Whether a validate / test / predict given ``checkpoint`` evaluates its raw weights:
+        where the stage evaluates raw weights, or where a ``ModelCheckpoint`` that monitors a
+        ``_raw`` metric saved it as its best (its state in the checkpoint says so: the
+        checkpoint ranked by the raw weights)."""
+        loaded = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
+        ranked_raw = loaded is not None and any(
+            isinstance(state, dict) and str(state.get("monitor") or "").endswith(RAW_SUFFIX)
+            and state.get("best_model_path") and Path(state["best_model_path"]).resolve() == loaded
+            for state in checkpoint.get("callbacks", {}).values())
+        wanted = {TrainerFn.VALIDATING: self.evaluate != "raw", TrainerFn.TESTING: self.swap_test,
+                  TrainerFn.PREDICTING: self.swap_predict}
+        return ranked_raw or not wanted.get(trainer.state.fn, True)
 
 
-def _raw_log(log: Callable, twin_names: dict[int, str], name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-    """``LightningModule.log`` for the raw pass: the name suffixed; a metric twin named by its
-    place, which Lightning's cache of the module's metric attributes does not know."""
-    if id(value) in twin_names:
-        kwargs.setdefault("metric_attribute", twin_names[id(value)])
-    log(name + RAW_SUFFIX, value, *args, **kwargs)
+def _save_atomically(state: dict[str, Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(state, f)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+class _RawLog:
+    """The raw pass's ``log``: every name suffixed; a metric twin named by its place, which
+    Lightning's cache of the module's metric attributes does not know."""
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        twin_names = self.__dict__["_ema_twin_names"]
+        if id(value) in twin_names:
+            kwargs.setdefault("metric_attribute", twin_names[id(value)])
+        super().log(name + RAW_SUFFIX, value, *args, **kwargs)
+
+
+_RAW_CLASSES: dict[type, type] = {}
+
+
+def _raw_view(module: nn.Module, twins: dict[str, nn.Module]) -> nn.Module:
+    """A view of ``module`` for the raw pass: a shallow copy (same tensors, submodules and
+    trainer) of a subclass whose ``log`` is :class:`_RawLog`'s, with the metrics' twins in
+    their places. Attributes the step sets land on the view; the module stays as it is."""
+    cls = type(module)
+    if cls not in _RAW_CLASSES:
+        _RAW_CLASSES[cls] = type(cls.__name__, (_RawLog, cls), {"__module__": cls.__module__})
+    view = _shallow(module, _RAW_CLASSES[cls])
+    view.__dict__["_ema_twin_names"] = {id(twin): name for name, twin in twins.items()}
+    copied = {"": view}
+    for name, twin in twins.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent, path = view, ""
+        for part in parent_name.split(".") if parent_name else ():
+            path = f"{path}.{part}" if path else part
+            if path not in copied:
+                copied[path] = parent._modules[part] = _shallow(parent._modules[part])
+            parent = copied[path]
+        parent._modules[attr] = twin
+    return view
+
+
+def _shallow(module: nn.Module, cls: type | None = None) -> nn.Module:
+    """A new ``cls`` (``type(module)``) object sharing ``module``'s attributes, with its own
+    dict of submodules."""
+    copy = object.__new__(cls or type(module))
+    copy.__dict__.update(module.__dict__)
+    copy.__dict__["_modules"] = dict(module._modules)
+    return copy
 
 
 def _top_metrics(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -336,11 +392,3 @@ def _top_metrics(module: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(m, Metric) and not any(name.startswith(outer + ".") for outer, _ in found):
             found.append((name, m))
     return found
-
-
-def _set_submodule(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Puts ``new`` at ``name`` (bypassing any ``__setattr__`` logic) and returns what was there."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = module.get_submodule(parent_name)
-    old, parent._modules[attr] = parent._modules[attr], new
-    return old

@@ -1,3 +1,4 @@
 from . import main
 
-main()
+if __name__ == "__main__":  # not in a worker process that multiprocessing's spawn starts
+    main()

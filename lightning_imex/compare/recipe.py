@@ -1,7 +1,8 @@
 """A recipe: one paper's claim as a comparison to run. A small YAML file names the base
 experiment (the app's Hydra overrides), the optimizers with their settings and learning
-rates (one, or a grid chosen from on the validation metric), the budget in gradient
-evaluations and the seeds, and says what the paper claims and at what scale we run it.
+rates (one, or a log-spaced grid chosen from on the validation metric), the budget in
+gradient evaluations and the seeds, and says what the paper claims and at what scale we
+run it.
 
     claim: higher-order IMEX beats Adam on spiral classification
     paper: Bhattacharjee et al. 2024, arXiv 2403.13704
@@ -10,8 +11,13 @@ evaluations and the seeds, and says what the paper claims and at what scale we r
     budget: 3000
     seeds: 3
     optimizers:
-      adam: {overrides: [optimizer=imex_euler], lr: 1.0e-2}
-      imex_trapezoidal: {overrides: [optimizer=imex_trapezoidal], lr: [3.0e-3, 1.0e-2]}
+      adam: {overrides: [optimizer=adam], lr: {center: 1.0e-2, factor: 3, points: 3}}
+      imex_trapezoidal: {overrides: [optimizer=imex_trapezoidal], lr: [3.0e-3, 1.0e-2, 3.0e-2]}
+
+A grid is a list or ``{center, factor, points}`` (``points`` learning rates ``factor``
+apart, centred on ``center`` in log scale). Every optimizer of a recipe gets the same
+number of grid points (and the same seeds): an equal tuning budget. ``--extend`` steps a
+grid outward by its factor (a list's: the geometric mean of its neighbours' ratios).
 
 The packaged recipes live in ``lightning_imex.recipes`` (the repository's ``recipes/``)."""
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +34,24 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["OptimizerEntry", "Recipe", "RecipeError", "load_recipe", "recipe_names"]
+from ..validate import integer, is_integer, is_real
+
+__all__ = ["OptimizerEntry", "Recipe", "RecipeError", "dataset_files", "estimated_seconds", "load_recipe",
+           "recipe_names", "usable_cores"]
 
 PACKAGE = "lightning_imex.recipes"
+CONFIGS = "lightning_imex.conf"
+# Seconds of training steps per gradient evaluation, per packaged recipe: the mean over the
+# runs of docs/results/RECIPE/results.csv (train_seconds / gradient_evaluations) on the CI
+# machine's 2 shared x86_64 cores; load-dependent (imex_spirals seeds=1 budget=600 at one
+# thread per run, 2 runs at a time: 2.3-8.3 ms in two compares). Unmeasured (no estimate):
+# the recipes on MNIST and CIFAR-10.
+SECONDS_PER_EVALUATION = {"adam_logreg": 6.8e-3, "adam_mlp": 7.2e-3, "adamomentum_cnn": 8.1e-3,
+                          "adamomentum_lm": 68e-3, "clipped_adam_ema": 4.0e-3, "imex_gaussians": 5.6e-3,
+                          "imex_lorenz63": 3.7e-3, "imex_mnist1d": 6.4e-3, "imex_spirals": 5.4e-3}
+# A run's whole fit (start-up, validations, test, checkpoints) over its training steps' time:
+# 1.34-1.52 in those two compares
+FIT_OVER_TRAIN = 1.5
 FIELDS = ("claim", "paper", "scale", "overrides", "budget", "seeds", "metric", "validations", "optimizers")
 OPTIMIZER_FIELDS = ("overrides", "lr")
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # an optimizer's name is a folder name
@@ -44,6 +66,7 @@ class OptimizerEntry:
     name: str
     overrides: tuple[str, ...]
     lrs: tuple[float, ...]  # one: given; several: a grid, chosen from on the validation metric
+    factor: float | None = None  # the grid's ratio between neighbours (None: one learning rate)
 
 
 @dataclass(frozen=True)
@@ -59,6 +82,7 @@ class Recipe:
     metric: str | None = None  # the validation metric; None: the task's (val/acc, val/mse, val/ppl)
     validations: int = 10  # validation points along the budget
     source: str = field(default="", compare=False)
+    changed: tuple[str, ...] = field(default=(), compare=False)  # settings changed on the command line
 
     def replace(self, **changes: Any) -> Recipe:
         values = {**self.__dict__, **changes}
@@ -118,12 +142,13 @@ def parse_recipe(name: str, data: Any, source: str = "") -> Recipe:
         for sub in entry:
             if sub not in OPTIMIZER_FIELDS:
                 raise RecipeError(f"recipe {name}: unknown field {key}.{sub!r}; allowed: {', '.join(OPTIMIZER_FIELDS)}")
-        lrs = entry.get("lr")
-        lrs = lrs if isinstance(lrs, list) else [lrs]
-        if not lrs or not all(_positive(lr) for lr in lrs) or len(set(lrs)) != len(lrs):
-            raise fail(f"{key}.lr", "a positive number or a list of distinct ones (a grid)", entry.get("lr"))
+        lrs, factor = _grid(entry.get("lr"), lambda allowed: fail(f"{key}.lr", allowed, entry.get("lr")))
         entries.append(OptimizerEntry(opt_name, _overrides(name, f"{key}.overrides", entry.get("overrides", [])),
-                                      tuple(float(lr) for lr in lrs)))
+                                      lrs, factor))
+    points = {e.name: len(e.lrs) for e in entries}
+    if len(set(points.values())) > 1:
+        raise RecipeError(f"recipe {name}: every optimizer must get the same number of learning rates (an equal "
+                          f"tuning budget), got {', '.join(f'{k}: {v}' for k, v in points.items())}")
     recipe = Recipe(name=name, claim=data["claim"].strip(), paper=data["paper"].strip(), scale=data["scale"].strip(),
                     overrides=_overrides(name, "overrides", data.get("overrides", [])),
                     budget=data.get("budget"), seeds=data.get("seeds", 3), optimizers=tuple(entries),
@@ -132,19 +157,81 @@ def parse_recipe(name: str, data: Any, source: str = "") -> Recipe:
     return recipe
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_count(recipe: Recipe) -> int:
+    return sum(len(e.lrs) for e in recipe.optimizers) * recipe.seeds
+
+
+def estimated_seconds(recipe: Recipe, jobs: int) -> float | None:
+    """A CPU estimate of the recipe's wall-clock with ``jobs`` runs at a time (one torch
+    thread each): runs x budget x the measured seconds per gradient evaluation x
+    :data:`FIT_OVER_TRAIN` / jobs (None where unmeasured). A method making k gradient
+    evaluations per step costs about k times a step, so the budget, not the steps, sets it."""
+    per_evaluation = SECONDS_PER_EVALUATION.get(recipe.name)
+    if per_evaluation is None:
+        return None
+    return math.ceil(run_count(recipe) / jobs) * recipe.budget * per_evaluation * FIT_OVER_TRAIN
+
+
+def dataset_files(recipe: Recipe) -> str | None:
+    """What files the recipe's dataset reads (its config's first line, for a dataset that is
+    never downloaded: MNIST, CIFAR-10, PTB), else None: read from the recipe's
+    ``dataset=`` override, or its ``experiment=``'s default dataset."""
+    configs = importlib.resources.files(CONFIGS)
+    choice = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in recipe.overrides if "=" in o}
+    dataset = choice.get("dataset")
+    if dataset is None and "experiment" in choice:
+        experiment = configs.joinpath("experiment", f"{choice['experiment']}.yaml")
+        defaults = OmegaConf.create(experiment.read_text()).get("defaults", []) if experiment.is_file() else []
+        dataset = next((d["override /dataset"] for d in defaults
+                        if isinstance(d, dict) and "override /dataset" in d), None)
+    config = configs.joinpath("dataset", f"{dataset}.yaml")
+    if dataset is None or not config.is_file():
+        return None
+    text = config.read_text()
+    first = text.splitlines()[0].lstrip("# ")
+    if "never downloaded" not in first:
+        return None
+    root = OmegaConf.to_container(OmegaConf.create(text), resolve=False).get("root")
+    return f"{first.split(';')[0]} (dataset.root={root})"
+
+
 def check_settings(recipe: Recipe) -> None:
     """The fields a command line may change (``budget=``, ``seeds=``) and the metric."""
     for key, minimum in (("budget", 1), ("seeds", 1), ("validations", 1)):
         value = getattr(recipe, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise RecipeError(f"recipe {recipe.name}: {key} must be an integer >= {minimum}, got {value!r}")
+        try:
+            integer(key, value, minimum)
+        except ValueError as error:
+            raise RecipeError(f"recipe {recipe.name}: {error}") from None
     if recipe.metric is not None and not (isinstance(recipe.metric, str) and recipe.metric.startswith("val/")):
         raise RecipeError(f"recipe {recipe.name}: metric must be a logged validation metric such as 'val/acc', "
                           f"got {recipe.metric!r}")
 
 
+def _grid(value: Any, fail: Any) -> tuple[tuple[float, ...], float | None]:
+    """A recipe's ``lr``: the learning rates in increasing order and the grid's factor."""
+    allowed = "a positive number, a list of distinct ones, or {center: LR, factor: F > 1, points: N >= 1}"
+    if isinstance(value, dict):
+        center, factor, points = value.get("center"), value.get("factor"), value.get("points")
+        if (set(value) != {"center", "factor", "points"} or not _positive(center) or not _positive(factor)
+                or factor <= 1 or not is_integer(points) or points < 1):
+            raise fail(allowed)
+        lrs = tuple(float(f"{center * factor ** (i - (points - 1) / 2):.6g}") for i in range(points))
+        return lrs, (float(factor) if points > 1 else None)
+    lrs = value if isinstance(value, list) else [value]
+    if not lrs or not all(_positive(lr) for lr in lrs) or len(set(lrs)) != len(lrs):
+        raise fail(allowed)
+    lrs = tuple(sorted(float(lr) for lr in lrs))
+    return lrs, ((lrs[-1] / lrs[0]) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else None)
+
+
 def _positive(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    return is_real(value) and value > 0
 
 
 def _overrides(name: str, key: str, value: Any) -> tuple[str, ...]:

@@ -1,6 +1,10 @@
 """Run folders read back: the app's (a Hydra run or multirun: ``.hydra/config.yaml``, the
 CSV logger's ``metrics.csv``) and the compare command's (the same, plus ``run.json``).
-Cost comes from the :class:`~lightning_imex.callbacks.TrainingCost` columns."""
+Cost comes from the :class:`~lightning_imex.callbacks.TrainingCost` columns, logged every
+``log_every_n_steps`` steps: a row's ``step`` is the index of the step just done, so the
+steps a run made are the last row's ``step`` + 1 (a validation or epoch-end row) and the
+gradient evaluations at any row are read off the logged ``(steps, evaluations)`` points,
+extrapolated past the last one at its ratio (a fixed number per step: exact)."""
 
 from __future__ import annotations
 
@@ -39,6 +43,11 @@ class Run:
     record: dict[str, Any] = field(default_factory=dict)  # run.json (compare runs)
 
     @property
+    def diverged(self) -> str | None:
+        """Why the run stopped early (a non-finite gradient), or None."""
+        return self.record.get("diverged")
+
+    @property
     def final_train_loss(self) -> float:
         return loss_at(self, math.inf)
 
@@ -65,27 +74,32 @@ def load_run(folder: Path, label: str | None = None) -> Run:
     config = OmegaConf.load(folder / ".hydra" / "config.yaml")
     record = json.loads((folder / RUN_RECORD).read_text()) if (folder / RUN_RECORD).is_file() else {}
     rows = _metric_rows(folder)
-    train = [r for r in rows if _number(r.get(TRAIN_LOSS)) is not None]
+    train = [r for r in rows if _float(r.get(TRAIN_LOSS)) is not None]  # a non-finite loss stays: it diverged
     if not train:
         raise RecipeError(f"{folder}: its metrics.csv has no {TRAIN_LOSS} rows (did the run train?)")
     if _number(train[-1].get(EVALUATIONS)) is None:
         raise RecipeError(f"{folder}: its metrics.csv has no {EVALUATIONS} column: run with the TrainingCost callback "
                           "(callbacks.cost, in the app's default callbacks)")
-    steps = np.array([float(r["step"]) for r in train])
-    curve = {"steps": steps, "evaluations": np.array([float(r[EVALUATIONS]) for r in train]),
+    done = np.array([float(r["step"]) + 1 for r in train])  # steps done at each logged row
+    logged = np.array([float(r[EVALUATIONS]) for r in train])
+    curve = {"steps": done, "evaluations": logged,
              "seconds": np.array([_number(r.get(SECONDS)) or math.nan for r in train]),
-             "loss": np.array([float(r[TRAIN_LOSS]) for r in train])}
+             "loss": np.array([_float(r[TRAIN_LOSS]) for r in train])}
+    fit_rows = [r for r in rows if _number(r.get("step")) is not None  # a test row's step is the count, not an index
+                and not any(k.startswith("test/") and _number(v) is not None for k, v in r.items())]
+    steps = int(max(float(r["step"]) for r in fit_rows)) + 1
     validation_rows = [r for r in rows if any(k.startswith("val/") and _number(v) is not None for k, v in r.items())]
     validation: dict[str, np.ndarray] = {
-        "evaluations": np.interp([float(r["step"]) for r in validation_rows], steps, curve["evaluations"])}
+        "evaluations": _evaluations_at(np.array([float(r["step"]) + 1 for r in validation_rows]), done, logged)}
     for key in {k for r in validation_rows for k in r if k.startswith("val/")}:
         validation[key] = np.array([_number(r.get(key)) if _number(r.get(key)) is not None else math.nan
                                     for r in validation_rows])
     test = {k: float(v) for r in rows for k, v in r.items() if k.startswith("test/") and _number(v) is not None}
     seconds = curve["seconds"][-1]
     return Run(folder=folder, label=record.get("label") or label or _optimizer_name(folder, config),
-               seed=int(config.seed), lr=_lr(config), steps=int(record.get("steps", steps[-1] + 1)),
-               gradient_evaluations=int(record.get("gradient_evaluations", curve["evaluations"][-1])),
+               seed=int(config.seed), lr=_lr(config), steps=int(record.get("steps", steps)),
+               gradient_evaluations=int(record.get("gradient_evaluations",
+                                                   round(float(_evaluations_at(np.array([steps]), done, logged)[0])))),
                train_seconds=record.get("train_seconds", None if math.isnan(seconds) else float(seconds)),
                curve=curve, validation=validation, test=test,
                record=record)
@@ -125,12 +139,38 @@ def loss_at(run: Run, evaluations: float) -> float:
     return float(np.mean(within[-max(1, math.ceil(TAIL * len(within))):]))
 
 
+def _evaluations_at(done: np.ndarray, logged_done: np.ndarray, logged: np.ndarray) -> np.ndarray:
+    """Gradient evaluations after ``done`` steps, from the logged points (and 0 at 0)."""
+    x, y = np.concatenate([[0.0], logged_done]), np.concatenate([[0.0], logged])
+    beyond = done > x[-1]
+    return np.where(beyond, done * (y[-1] / x[-1]), np.interp(done, x, y))
+
+
 def _metric_rows(folder: Path) -> list[dict[str, str]]:
+    """The run's logged rows in order. A resumed run logs into a ``resumed_N/metrics.csv``
+    of its own, from the checkpoint's step on: rows an earlier file logged from that step
+    on (after the checkpoint, before the interruption) were done again and are dropped."""
     files = sorted(folder.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise RecipeError(f"{folder}: no metrics.csv (the run needs logger=csv)")
-    with open(files[-1], newline="") as f:
-        return list(csv.DictReader(f))
+    rows: list[dict[str, str]] = []
+    for path in files:
+        with open(path, newline="") as f:
+            later = list(csv.DictReader(f))
+        steps = [_number(r.get("step")) for r in later]
+        start = min((s for s in steps if s is not None), default=None)
+        if start is not None:
+            rows = [r for r in rows if (_number(r.get("step")) or 0.0) < start]
+        rows += later
+    return rows
+
+
+def _float(value: Any) -> float | None:
+    """A CSV cell as a float, NaN and infinities included; None when empty."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _number(value: Any) -> float | None:

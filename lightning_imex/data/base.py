@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..validate import fraction, integer, is_integer
 from .resumable import EpochSampler, ResumableDataLoader
 
 __all__ = ["ArrayDataModule", "Arrays", "StandardizedDataset"]
@@ -25,27 +26,10 @@ DEFAULT_TEST_FRACTION = 0.2
 STATISTICS_CHUNK = 4096  # samples per pass: a float64 copy of all CIFAR-10 pixels would take 1.1 GB
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"dataset.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_real(name: str, value: Any, minimum: float, strict: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value > minimum if strict else value >= minimum))
-    if not ok:
-        raise ValueError(f"dataset.{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
-
-
 def check_path(name: str, value: Any) -> str:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ValueError(f"dataset.{name} must be a folder path, got {value!r}")
     return str(value)
-
-
-def check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"dataset.{name} must be a number in [0, 1), got {value!r}")
 
 
 class StandardizedDataset(Dataset):
@@ -86,14 +70,14 @@ class ArrayDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.1,
                  test_fraction: float | None = None) -> None:
         super().__init__()
-        check_int("batch_size", batch_size, 1)
-        check_int("num_workers", num_workers, 0)
-        check_int("seed", seed, 0)
-        check_fraction("val_fraction", val_fraction)
+        integer("dataset.batch_size", batch_size, 1)
+        integer("dataset.num_workers", num_workers, 0)
+        integer("dataset.seed", seed, 0)
+        fraction("dataset.val_fraction", val_fraction)
         if test_fraction is not None and self.has_test_set:
             raise ValueError(f"dataset.test_fraction: {type(self).__name__} has its own test set; leave it unset")
         test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
-        check_fraction("test_fraction", test_fraction)
+        fraction("dataset.test_fraction", test_fraction)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.splits: dict[str, StandardizedDataset] = {}
@@ -159,7 +143,7 @@ class ArrayDataModule(L.LightningDataModule):
 def _limited(length: int, limit: Any) -> int | None:
     """The batches of ``length`` that Lightning's ``limit_train_batches`` lets an epoch
     use (as Lightning 2.6's ``_parse_num_batches`` counts them), None without a limit."""
-    if isinstance(limit, int) and not isinstance(limit, bool):
+    if is_integer(limit):
         return min(length, limit)
     if isinstance(limit, float) and limit != 1.0:
         return int(length * limit)
@@ -173,11 +157,11 @@ def _own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _split(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, fraction: float) -> Arrays:
-    """The pool minus a random ``fraction`` of it, and that fraction (copies, in a
+def _split(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, share: float) -> Arrays:
+    """The pool minus a random ``share`` of it, and that share (copies, in a
     seeded random order)."""
     order = rng.permutation(len(x))
-    held = math.ceil(fraction * len(x))
+    held = math.ceil(share * len(x))
     keep, out = order[held:], order[:held]
     return x[keep], y[keep], x[out], y[out]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ArrayDataModule, Arrays, check_int, check_path, check_real
+from ..validate import integer, real
+from .base import ArrayDataModule, Arrays, check_path
 
 __all__ = ["DiabetesDataModule", "DigitsDataModule", "GaussiansDataModule", "Lorenz63DataModule",
            "MNIST1DDataModule", "SpiralsDataModule", "lorenz63_rk4"]
@@ -100,10 +101,10 @@ class SpiralsDataModule(ArrayDataModule):
     def __init__(self, n_samples: int = 2000, n_classes: int = 2, turns: float = 1.5, noise: float = 0.05,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        check_int("n_samples", n_samples, 10)
-        check_int("n_classes", n_classes, 2)
-        check_real("turns", turns, 0, strict=True)
-        check_real("noise", noise, 0)
+        integer("dataset.n_samples", n_samples, 10)
+        integer("dataset.n_classes", n_classes, 2)
+        real("dataset.turns", turns, 0, above=True)
+        real("dataset.noise", noise, 0)
         self.n_samples, self.num_outputs, self.turns, self.noise = n_samples, n_classes, turns, noise
 
     def arrays(self) -> Arrays:
@@ -126,10 +127,10 @@ class GaussiansDataModule(ArrayDataModule):
     def __init__(self, n_samples: int = 2000, input_dim: int = 2, n_bumps: int = 6, noise: float = 0.01,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        check_int("n_samples", n_samples, 10)
-        check_int("input_dim", input_dim, 1)
-        check_int("n_bumps", n_bumps, 1)
-        check_real("noise", noise, 0)
+        integer("dataset.n_samples", n_samples, 10)
+        integer("dataset.input_dim", input_dim, 1)
+        integer("dataset.n_bumps", n_bumps, 1)
+        real("dataset.noise", noise, 0)
         self.n_samples, self.input_shape, self.n_bumps, self.noise = n_samples, (input_dim,), n_bumps, noise
 
     def arrays(self) -> Arrays:
@@ -159,12 +160,12 @@ class Lorenz63DataModule(ArrayDataModule):
     def __init__(self, n_trajectories: int = 20, steps: int = 200, dt: float = 0.01, substeps: int = 10,
                  burn_in: int = 500, sigma: float = 10.0, rho: float = 28.0, beta: float = 8 / 3, **kwargs) -> None:
         super().__init__(**kwargs)
-        check_int("n_trajectories", n_trajectories, 1)
-        check_int("steps", steps, 1)
-        check_int("substeps", substeps, 1)
-        check_int("burn_in", burn_in, 0)
+        integer("dataset.n_trajectories", n_trajectories, 1)
+        integer("dataset.steps", steps, 1)
+        integer("dataset.substeps", substeps, 1)
+        integer("dataset.burn_in", burn_in, 0)
         for name, value in {"dt": dt, "sigma": sigma, "rho": rho, "beta": beta}.items():
-            check_real(name, value, 0, strict=True)
+            real(f"dataset.{name}", value, 0, above=True)
         self.n_trajectories, self.steps, self.dt, self.substeps, self.burn_in = (
             n_trajectories, steps, dt, substeps, burn_in)
         self.sigma, self.rho, self.beta = sigma, rho, beta

@@ -41,6 +41,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+from ..validate import integer
+
 __all__ = ["EpochSampler", "ResumableDataLoader", "epoch_order"]
 
 
@@ -52,8 +54,7 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
     stream of the data's splits). Computed from nothing else, by any process, without
     replaying earlier epochs."""
     for name, value in (("size", size), ("seed", seed), ("epoch", epoch)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"epoch_order: {name} must be an integer >= 0, got {value!r}")
+        integer(f"epoch_order: {name}", value, 0)
     sequence = np.random.SeedSequence(int(seed), spawn_key=(int(epoch),))
     return np.random.Generator(np.random.PCG64(sequence)).permutation(int(size)).tolist()
 
@@ -74,9 +75,9 @@ class EpochSampler(DistributedSampler):
                  rank: int | None = None) -> None:
         # DistributedSampler.__init__ is not called: it asks torch.distributed for the rank
         # and world size at once, and fails without a process group
-        for name, value, minimum in (("seed", seed, 0), ("num_replicas", num_replicas, 1), ("rank", rank, 0)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                raise ValueError(f"EpochSampler: {name} must be an integer >= {minimum}, got {value!r}")
+        integer("EpochSampler: seed", seed, 0)
+        for name, value, minimum in (("num_replicas", num_replicas, 1), ("rank", rank, 0)):
+            integer(f"EpochSampler: {name}", value, minimum, optional=True)
         if num_replicas is not None and rank is not None and rank >= num_replicas:
             raise ValueError(f"EpochSampler: rank must be < num_replicas = {num_replicas}, got {rank}")
         self.dataset, self.seed, self.shuffle, self.drop_last = dataset, seed, True, False

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import TensorDataset
 
-from .base import ArrayDataModule, check_int
+from ..validate import integer
+from .base import ArrayDataModule
 from .files import FileDataModule
 
 __all__ = ["EOS", "PTBDataModule", "PydocTopicsDataModule", "TextDataModule", "build_vocabulary", "encode",
@@ -101,11 +102,11 @@ class TextDataModule(ArrayDataModule):
     def __init__(self, bptt: int = 35, max_tokens: int | None = None, max_vocab: int | None = None,
                  batch_size: int = 20, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        check_int("bptt", bptt, 1)
+        integer("dataset.bptt", bptt, 1)
         if max_tokens is not None:
-            check_int("max_tokens", max_tokens, 2)  # one window needs bptt + 1 tokens; setup says so
+            integer("dataset.max_tokens", max_tokens, 2)  # one window needs bptt + 1 tokens; setup says so
         if max_vocab is not None:
-            check_int("max_vocab", max_vocab, 3)  # <eos>, <unk> and a word
+            integer("dataset.max_vocab", max_vocab, 3)  # <eos>, <unk> and a word
         self.bptt, self.max_tokens, self.max_vocab = bptt, max_tokens, max_vocab
         self.input_shape = (bptt,)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections import defaultdict
+from itertools import chain
 from collections.abc import Sequence
 from typing import Any, Callable, Hashable, Iterable
 
@@ -16,27 +17,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernel import Batch, reduction_key, select_backend
-from .program import Event, Expr, scalar
+from ..validate import boolean, is_integer
+from .kernel import Batch, all_reduce_sum, local_tensor, reduction_key, select_backend
+from .program import (QUANT_BLOCK, Event, Expr, clamp, dequantize, element_offsets, lower, quant_blocks, quant_scales,
+                      quantize, runtime, tensor, tensor_key, with_compensation, with_gradient)
+from .program import B1, B2, EPS, K, LR, WD, decayed, gradient  # re-exported: the optimizers' vocabulary
 
 __all__ = ["ElementwiseOptimizer", "OnePassOptimizer", "check_adam_hyperparameters", "LR", "B1", "B2", "EPS",
            "WD", "K", "gradient", "decayed"]
 
-# The per-step scalars of the Adam family, by name (values from :meth:`OnePassOptimizer._scalars`).
-LR, B1, B2, EPS, WD = scalar("lr"), scalar("b1"), scalar("b2"), scalar("eps"), scalar("wd")
-K = scalar("k")  # the step number, from 1
-
-
-def gradient(g: Expr, p: Expr, maximize: bool, l2: bool) -> Expr:
-    """The gradient a program uses: negated when maximizing, then plus L2 weight decay
-    (torch's order)."""
-    g = -g if maximize else g
-    return g + WD * p if l2 else g
-
-
-def decayed(p: Expr, decoupled: bool) -> Expr:
-    """The parameter after decoupled weight decay (AdamW), before the update."""
-    return p * (1 - LR * WD) if decoupled else p
+KAHAN = "kahan"  # the programs' name of the compensation buffer of param_rounding="kahan"
 
 
 def number(name: str, value: Any) -> float:
@@ -63,10 +53,61 @@ def check_adam_hyperparameters(group: dict[str, Any]) -> None:
             raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
     group["betas"] = tuple(float(b) for b in betas)
     for name in ("decoupled_weight_decay", "maximize", "bias_correction"):
-        if name in group and not isinstance(group[name], bool):
-            raise TypeError(f"{name} must be a bool, got {group[name]!r}")
+        if name in group:
+            boolean(name, group[name])
     if group.get("fused") is not None and not isinstance(group["fused"], bool):
         raise TypeError(f"fused must be a bool or None, got {group['fused']!r}")
+    max_grad_norm = group.get("max_grad_norm")
+    if max_grad_norm is not None and not (number("max_grad_norm", max_grad_norm) > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"max_grad_norm must be a finite number > 0 or None (no clipping), got {max_grad_norm!r}")
+
+
+# How state may be stored besides the parameter's dtype (``state_dtype=None``): float32, or
+# bfloat16 with stochastic rounding on every store (program.round_stochastically).
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+# ... also by name, as a config file gives them
+STATE_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# 8-bit blockwise moments (program.quantize): uint8 codes and a float32 scale per
+# program.QUANT_BLOCK elements, "m" under the signed map and "v" under the unsigned one;
+# tensors smaller than a block (and complex ones) keep float32 moments.
+STATE_8BIT = "8bit"
+QUANTIZED_MOMENTS = {"m": "signed", "v": "unsigned"}
+_NARROW_STATE_PARAMETERS = (torch.float32, torch.bfloat16, torch.float16)
+# How a parameter store rounds (docs/optimizer-core.md, "Parameter precision"): to nearest,
+# stochastically, or to nearest with the rounding error kept in a bfloat16 compensation
+# buffer (state[KAHAN_STATE]) that the next step adds back. The last two: bfloat16 only.
+PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
+KAHAN_STATE = "kahan_compensation"
+
+
+def state_dtype_of(value: Any) -> Any:
+    """``state_dtype`` as a dtype where it names one (``"bfloat16"``), else as given."""
+    return STATE_DTYPE_NAMES.get(value, value) if isinstance(value, str) else value
+
+
+def check_state_storage(group: dict[str, Any]) -> None:
+    """Validates a group's ``state_dtype``, ``param_rounding`` and ``seed`` (and its
+    parameters' dtypes for them); errors name the field. A ``state_dtype`` name becomes
+    its dtype."""
+    state_dtype = group["state_dtype"] = state_dtype_of(group.get("state_dtype"))
+    if state_dtype is not None and state_dtype not in STATE_DTYPES and state_dtype != STATE_8BIT:
+        raise ValueError(f"state_dtype must be None (the parameter's dtype), torch.float32 or torch.bfloat16, "
+                         f"got {state_dtype!r} (by name: 'float32', 'bfloat16'; 8-bit blockwise: '8bit')")
+    rounding = group.get("param_rounding", "nearest")
+    if not isinstance(rounding, str) or rounding not in PARAM_ROUNDINGS:
+        raise ValueError(f"param_rounding must be one of {', '.join(map(repr, PARAM_ROUNDINGS))}, got {rounding!r}")
+    for p in group.get("params", ()) if rounding != "nearest" else ():
+        if p.dtype != torch.bfloat16:
+            raise ValueError(f"param_rounding={rounding!r} rounds bfloat16 parameters, got a {p.dtype} parameter "
+                             f"of shape {tuple(p.shape)} (stored without loss to speak of); use "
+                             "param_rounding='nearest' for it (a group of its own)")
+    seed = group.get("seed", 0)
+    if not (is_integer(seed) and 0 <= seed < 2**32):
+        raise ValueError(f"seed must be an integer in [0, 2**32) (of stochastic rounding), got {seed!r}")
+    for p in group.get("params", ()) if state_dtype is not None else ():
+        if p.dtype not in _NARROW_STATE_PARAMETERS:
+            raise ValueError(f"state_dtype={state_dtype} needs float32, bfloat16 or float16 parameters, got a "
+                             f"{p.dtype} parameter of shape {tuple(p.shape)}; use state_dtype=None for it")
 
 
 def gradient_flags(group: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -84,13 +125,17 @@ class ElementwiseOptimizer(Optimizer):
     """An optimizer with two state buffers per parameter (named by ``state_buffers``; its
     programs call them ``m`` and ``v``) whose step runs element-wise programs on the path
     ``fused`` asks for (see :func:`~.kernel.select_backend`). Complex parameters are
-    updated as their real views, as torch's Adam does."""
+    updated as their real views, as torch's Adam does. The buffers are stored in
+    ``state_dtype`` (None: the parameter's dtype); bfloat16 stores round stochastically
+    with bits keyed by the group's ``seed`` (docs/optimizer-core.md, "State precision")."""
 
     state_buffers: tuple[str, str] = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any],
-                 fused: bool | None) -> None:
-        defaults = {**defaults, "fused": fused}
+                 fused: bool | None, state_dtype: torch.dtype | str | None = None, seed: int = 0,
+                 param_rounding: str = "nearest") -> None:
+        defaults = {**defaults, "fused": fused, "state_dtype": state_dtype_of(state_dtype), "seed": seed,
+                    "param_rounding": param_rounding}
         self._check_group(dict(defaults))  # bad settings fail before params are read
         self._init_caches()
         super().__init__(params, defaults)
@@ -99,7 +144,9 @@ class ElementwiseOptimizer(Optimizer):
         # Per-parameter working buffers of multi-stage programs (contents never outlive a
         # step) and the batches of recent steps: kept between steps, never state.
         self._scratch: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._batch_cache: dict[tuple[int, ...], Batch] = {}
+        self._batch_cache: dict[tuple, Batch] = {}
+        # the clipping the hook asked for the gradients in .grad (clip_gradients_in_step)
+        self._pending_clip: GradientClip | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickling, deepcopy and load_state_dict land here: fill flags that an older
@@ -116,17 +163,76 @@ class ElementwiseOptimizer(Optimizer):
     def fused(self) -> bool | None:
         return self.defaults["fused"]
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Which path runs and how state and parameters are stored are this machine's and this
+        # constructor's choices, not the checkpoint's: the groups keep their own ``fused``,
+        # ``state_dtype`` and ``param_rounding`` (the state is path-independent), and
+        # ``max_grad_norm``, which the step reads from the optimizer's defaults.
+        kept = [{key: group[key] for key in ("fused", "state_dtype", "param_rounding", "max_grad_norm") if key in group}
+                for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, settings in zip(self.param_groups, kept):
+            group.update(settings)
+        # torch casts loaded state to the parameter's dtype; store the saved tensors in the
+        # group's state dtype instead (nothing lost on the way)
+        saved_indices = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        for index, (group, p) in zip(saved_indices, ((g, p) for g in self.param_groups for p in g["params"])):
+            saved = state_dict["state"].get(index, {})
+            for (name, kind) in zip(self.state_buffers, QUANTIZED_MOMENTS.values()):
+                if isinstance(saved.get(name), Tensor):
+                    self._load_moment(self.state[p], p, group, name, kind, saved[name], saved.get(quant_scales(name)))
+
+    def _load_moment(self, state: dict[str, Any], p: Tensor, group: dict[str, Any], name: str, kind: str,
+                     saved: Tensor, scales: Tensor | None) -> None:
+        """Stores a saved moment (8-bit with its ``scales``, or not) as ``group`` stores it:
+        8-bit into 8-bit exactly, else through float32."""
+        dtype, saved = self._state_dtype(group, p), saved.to(p.device)
+        state.pop(quant_scales(name), None)
+        if saved.dtype == torch.uint8 and dtype == torch.uint8:  # copies: the saved dict stays as it was
+            state[name], state[quant_scales(name)] = saved.clone(), scales.to(p.device, torch.float32, copy=True)
+            return
+        if saved.dtype == torch.uint8:
+            saved = dequantize(saved, scales.to(p.device, torch.float32), element_offsets(saved), kind)
+        if dtype != torch.uint8:
+            state[name] = saved.to(dtype)
+            return
+        moment = torch.empty_like(p, dtype=torch.float32).copy_(saved)
+        state[name], state[quant_scales(name)] = quantize(moment, element_offsets(moment),
+                                                          quant_blocks(moment.numel()), kind)
+
+    def state_bytes(self) -> int:
+        """Bytes the optimizer holds per its state (every tensor in ``state``) and the
+        working buffers of multi-stage steps (allocated at the first step), as now."""
+        tensors = [t for s in self.state.values() for t in s.values() if isinstance(t, Tensor)]
+        tensors += [t for buffers in self._scratch.values() for t in buffers.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_adam_hyperparameters(group)
+        check_state_storage(group)
+        optimizer_wide = getattr(self, "defaults", group).get("max_grad_norm")
+        if group.get("max_grad_norm") != optimizer_wide:
+            raise ValueError(f"max_grad_norm clips the norm over every group's gradients: a group cannot set its own "
+                             f"(the optimizer has {optimizer_wide!r}, a group asks for {group['max_grad_norm']!r})")
 
-    def _init_state(self, state: dict[str, Any], p: Tensor) -> None:
+    def _init_state(self, state: dict[str, Any], p: Tensor, dtype: torch.dtype) -> None:
         state["step"] = 0
         for name in self.state_buffers:
-            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if dtype == torch.uint8:  # 8-bit codes, and their scales (of the local shard)
+                state[quant_scales(name)] = torch.zeros(quant_blocks(local_tensor(p).numel()), dtype=torch.float32,
+                                                        device=p.device)
+
+    @staticmethod
+    def _state_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+        """The dtype of ``p``'s moments: uint8 for 8-bit codes."""
+        if group["state_dtype"] == STATE_8BIT:
+            return torch.uint8 if not p.is_complex() and local_tensor(p).numel() >= QUANT_BLOCK else torch.float32
+        return group["state_dtype"] or p.dtype
 
     def _state_key(self, state: dict[str, Any]) -> tuple:
         """What, besides device and dtype, a parameter's scalars depend on."""
@@ -135,9 +241,11 @@ class ElementwiseOptimizer(Optimizer):
     def _batches(self, group: dict[str, Any], scratch: Sequence[str], scalars: Callable[[tuple], dict[Hashable, float]],
                  without_grad: bool = False) -> list[Batch]:
         """The group's parameters that take part in this step (those with a gradient, or
-        all that require one), split by device, dtype, sharding (:func:`~.kernel.reduction_key`)
-        and :meth:`_state_key`."""
+        all that require one), split by device, dtype, sharding (:func:`~.kernel.reduction_key`),
+        8-bit moments or not, and :meth:`_state_key`. ``scratch``: working buffers, in the
+        parameter's dtype (float32 where parameter stores do not round to nearest)."""
         split: dict[tuple, list[Tensor]] = defaultdict(list)
+        kahan = group["param_rounding"] == "kahan"
         for p in group["params"]:
             if p.grad is None and not (without_grad and p.requires_grad):
                 continue
@@ -145,33 +253,69 @@ class ElementwiseOptimizer(Optimizer):
                 raise sparse_error(type(self).__name__, p)
             state = self.state[p]
             if not state:
-                self._init_state(state, p)
-            split[(p.device, p.dtype, reduction_key(p), *self._state_key(state))].append(p)
+                self._init_state(state, p, self._state_dtype(group, p))
+            # by value: a loaded state may hold tensors (torch's Adam keeps ``step`` as one),
+            # which would hash by identity and make every parameter a batch of its own
+            key = tuple(x.item() if isinstance(x, Tensor) else x for x in self._state_key(state))
+            eight_bit = state[self.state_buffers[0]].dtype == torch.uint8
+            split[(p.device, p.dtype, reduction_key(p), eight_bit, *key)].append(p)
+            if kahan:
+                state.setdefault(KAHAN_STATE, torch.zeros_like(p, memory_format=torch.preserve_format))
+            else:  # a loaded compensation this group does not use: its error is dropped, as a rounded store would
+                state.pop(KAHAN_STATE, None)
+        # Stores to state narrower than float32 round stochastically, and with
+        # param_rounding="stochastic" stores to the parameters, with bits keyed by the
+        # group's seed and each parameter's place in the optimizer (the same on every path,
+        # rank and resume).
+        stochastic = ("m", "v") if group["state_dtype"] == torch.bfloat16 else ()
+        stochastic += ("p",) if group["param_rounding"] == "stochastic" else ()
+        if stochastic:
+            first = sum(len(g["params"]) for g in self.param_groups[:next(
+                i for i, g in enumerate(self.param_groups) if g is group)])
+            places = {id(p): first + i for i, p in enumerate(group["params"])}
         batches = []
         for key, params in split.items():
             states = [self.state[p] for p in params]
             buffers = {"p": params, "m": [s[self.state_buffers[0]] for s in states],
                        "v": [s[self.state_buffers[1]] for s in states]}
-            buffers.update({name: [self._scratch_buffer(p, name) for p in params] for name in scratch})
-            batch = self._batch(params, buffers, select_backend(group["fused"], params))
-            batch.values = scalars(key[3:])
+            if kahan:
+                buffers[KAHAN] = [s[KAHAN_STATE] for s in states]
+            # the scratch of a step whose parameter stores do not round to nearest (parameter
+            # sums, kept gradients): in float32, so that only the stores to p round
+            theta_dtype = torch.float32 if group["param_rounding"] != "nearest" else None
+            quantized = QUANTIZED_MOMENTS if key[3] else {}  # key[3]: the moments are 8-bit
+            for name, state_name in zip(quantized, self.state_buffers):  # "m", "v" in state_buffers' order
+                buffers[quant_scales(name)] = [s[quant_scales(state_name)] for s in states]
+            keys = [tensor_key(group["seed"], places[id(p)]) for p in params] if stochastic else []
+            batch = self._batch(params, buffers, select_backend(group["fused"], params), stochastic, keys, quantized,
+                                scratch={name: theta_dtype or key[1] for name in scratch})  # key[1]: p.dtype
+            batch.values, batch.step = scalars(key[4:]), int(key[4])
             batches.append(batch)
         return batches
 
-    def _batch(self, params: list[Tensor], buffers: dict[str, list[Tensor]], backend) -> Batch:
-        """The batch of an earlier step if it still matches: its tables are built already."""
-        key = tuple(map(id, params))
+    def _batch(self, params: list[Tensor], buffers: dict[str, list[Tensor]], backend,
+               stochastic: Sequence[str] = (), keys: Sequence[int] = (),
+               quantized: dict[str, str] | None = None, scratch: dict[str, torch.dtype] | None = None) -> Batch:
+        """The batch of an earlier step if it still matches: its tables are built and its
+        ``scratch`` buffers (name -> dtype, one per parameter) found already, so a steady
+        step looks nothing up per parameter here."""
+        scratch = scratch or {}
+        # the step's batch and the gradient norm's differ in buffers; a scratch dtype that
+        # changes (param_rounding) makes another batch
+        key = (*buffers, *scratch.items(), *map(id, params))
         batch = self._batch_cache.get(key)
-        if batch is None or not batch.matches(buffers, backend):
+        if batch is None or not batch.matches(buffers, backend, stochastic, keys, quantized, scratch=scratch):
             if len(self._batch_cache) >= _BATCH_CACHE_SIZE:  # parameter sets that come and go
                 self._batch_cache.clear()
-            batch = self._batch_cache[key] = Batch(params, buffers, backend)
+            buffers = {**buffers, **{name: [self._scratch_buffer(p, name, dtype) for p in params]
+                                     for name, dtype in scratch.items()}}
+            batch = self._batch_cache[key] = Batch(params, buffers, backend, stochastic, keys, quantized)
         return batch
 
-    def _scratch_buffer(self, p: Tensor, name: str) -> Tensor:
+    def _scratch_buffer(self, p: Tensor, name: str, dtype: torch.dtype) -> Tensor:
         buffers = self._scratch.setdefault(p, {})
-        if name not in buffers:
-            buffers[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if name not in buffers or buffers[name].dtype != dtype:
+            buffers[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return buffers[name]
 
     def _gradients(self, params: list[Tensor], required: bool = True) -> list[Tensor | None]:
@@ -188,8 +332,76 @@ class ElementwiseOptimizer(Optimizer):
 
     def _count_step(self, batches: Iterable[Batch]) -> None:
         for batch in batches:
-            for p in batch.params:
-                self.state[p]["step"] += 1
+            for p in batch.params:  # a loaded tensor step becomes a number: no .item() per later step
+                self.state[p]["step"] = int(self.state[p]["step"]) + 1
+
+    # Global-norm gradient clipping inside the step (docs/optimizer-core.md, "Clipping in
+    # the step"): one reduction over every gradient, then the factor
+    # min(1, max_norm / (norm + 1e-6)) of torch's clip_grad_norm_ multiplies g where the
+    # step's first pass reads it, as a device tensor: the gradients are read twice, not
+    # three times and written never, and the host never waits.
+
+    @torch.no_grad()
+    def gradient_squares(self) -> tuple[list[Tensor], Tensor]:
+        """Every parameter with a gradient, and the sum of squares of each gradient
+        (float64, on the first parameter's device; a sharded gradient's summed over its
+        ranks): one pass over all gradients, a launch per device and dtype."""
+        split: dict[tuple, list[Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise sparse_error(type(self).__name__, p)
+                    split[(p.device, p.dtype, reduction_key(p), group["fused"])].append(p)
+        params: list[Tensor] = []
+        sums = []
+        for (_, _, key, fused), group_params in split.items():
+            batch = self._batch(group_params, {"p": group_params}, select_backend(fused, group_params))
+            order, squares = batch.gradient_squares([p.grad for p in group_params])
+            params += [group_params[i] for i in order]
+            sums.append(all_reduce_sum(squares, key))
+        if not sums:
+            return [], torch.zeros(0, dtype=torch.float64)
+        device = sums[0].device
+        return params, torch.cat([s.to(device, non_blocking=True) for s in sums])
+
+    def clip_gradients_in_step(self, total_norm: Tensor, max_norm: float) -> None:
+        """Has the step scale the gradients now in ``.grad`` by ``clip_grad_norm_``'s factor
+        for ``total_norm`` (their norm, from :meth:`gradient_squares`) where it reads them,
+        instead of their being scaled in place. Holds for the next gradient evaluation a
+        step consumes; ``zero_grad`` drops it."""
+        self._pending_clip = (NORM_CLIPPED_GRADIENT, clip_factor(total_norm, max_norm))
+
+    def clamp_gradients_in_step(self, max_value: float, device: torch.device) -> None:
+        """As :meth:`clip_gradients_in_step`, for ``clip_grad_value_``: the step reads each
+        gradient element clamped to ``[-max_value, max_value]``."""
+        self._pending_clip = (VALUE_CLIPPED_GRADIENT, torch.full((), float(max_value), dtype=torch.float64,
+                                                                 device=device))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._pending_clip = None  # measured on gradients that are gone
+        super().zero_grad(set_to_none)
+
+    def _gradient_clip(self) -> GradientClip | None:
+        """The clipping of the gradients the step is about to consume: the one the hook set
+        (:meth:`clip_gradients_in_step`), else ``max_grad_norm``'s; None: none."""
+        pending, self._pending_clip = self._pending_clip, None
+        max_norm = self.defaults.get("max_grad_norm")
+        if pending is not None or max_norm is None:
+            return pending
+        params, squares = self.gradient_squares()
+        return (NORM_CLIPPED_GRADIENT, clip_factor(squares.sum().sqrt(), max_norm)) if params else None
+
+    def _run(self, batch: Batch, event: Event, grads: Sequence[Tensor | None], clip: GradientClip | None,
+             runtimes: dict[str, Tensor] | None = None) -> list[Tensor]:
+        """``batch.run``, reading the clipped gradient where the event reads the gradient,
+        and the parameter plus its compensation under ``param_rounding="kahan"``."""
+        if KAHAN in batch.buffers:
+            event = with_compensation(event, "p", KAHAN)
+        if clip is not None and "g" in lower(event).inputs:
+            gradient, value = clip
+            event, runtimes = with_gradient(event, gradient), {**(runtimes or {}), "clip": value}
+        return batch.run(event, grads, runtimes)
 
 
 class OnePassOptimizer(ElementwiseOptimizer):
@@ -205,10 +417,11 @@ class OnePassOptimizer(ElementwiseOptimizer):
         (b1, b2), lr = group["betas"], number("lr", group["lr"])
         return {"lr": lr, "b1": b1, "b2": b2, "eps": group["eps"], "wd": group["weight_decay"], "k": step + 1.0}
 
-    def _apply(self, group: dict[str, Any], events: tuple[Event, ...], batches: list[Batch]) -> None:
+    def _apply(self, group: dict[str, Any], events: tuple[Event, ...], batches: list[Batch],
+               clip: GradientClip | None) -> None:
         (event,) = events
         for batch in batches:
-            batch.run(event, self._gradients(batch.params))
+            self._run(batch, event, self._gradients(batch.params), clip)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -216,12 +429,26 @@ class OnePassOptimizer(ElementwiseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        clip = self._gradient_clip()  # one norm over every group's gradients
         for group in self.param_groups:
             batches = self._batches(group, (), lambda key, group=group: self._scalars(group, key[0]))
             if batches:
-                self._apply(group, self._events(group), batches)
+                self._apply(group, self._events(group), batches, clip)
                 self._count_step(batches)
         return loss
+
+
+# The gradient a step reads under clipping, and the runtime scalar "clip" it takes: g times
+# the clip factor (norm clipping), or g clamped to [-clip, clip] (value clipping).
+NORM_CLIPPED_GRADIENT = tensor("g") * runtime("clip")
+VALUE_CLIPPED_GRADIENT = clamp(tensor("g"), -runtime("clip"), runtime("clip"))
+GradientClip = tuple[Expr, Tensor]
+
+
+def clip_factor(total_norm: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / (total_norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``
+    computes it (NaN for a NaN norm, 0 for an infinite one), on the norm's device."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 def sparse_error(name: str, p: Tensor) -> RuntimeError:

@@ -9,14 +9,12 @@ from typing import Any, Hashable, Iterable
 import torch
 from torch import Tensor
 
-from .base import B1, B2, EPS, LR, K, OnePassOptimizer, decayed, gradient, gradient_flags, number
+from ..ema import SCHEDULES as EMA_SCHEDULES  # the EMA core is pure torch, at this layer
+from .base import B1, B2, EPS, LR, K, GradientClip, OnePassOptimizer, decayed, gradient, gradient_flags, number
 from .kernel import Batch, all_reduce_sum, reduction_key
 from .program import Event, Expr, clamp, runtime, scalar, sqrt, tensor
 
 __all__ = ["ClippedAdam", "CLIP_MODES"]
-
-# the schedules of lightning_imex.callbacks.ModelEMA (which reads this group setting)
-EMA_SCHEDULES = ("fixed", "warmup", "power", "zero_start")
 
 CLIP_MODES = ("coordinate", "global")
 
@@ -51,7 +49,8 @@ class ClippedAdam(OnePassOptimizer):
     ``max_update`` (default: the group's lr): per coordinate (``clip="coordinate"``,
     the form with the per-coordinate guarantee) or by the update's L2 norm over the
     parameter group (``clip="global"``, one extra read of the moments). No bias
-    correction by default, as analysed. ``fused``: as :class:`IMEXAdam`.
+    correction by default, as analysed. ``fused``, ``max_grad_norm`` (the gradient's
+    clipping, before any of this), ``state_dtype``, ``seed``, ``param_rounding``: as :class:`IMEXAdam`.
 
     :meth:`ahn_cutkosky` gives the paper's coupling: ``betas=(beta, beta**2)`` and a
     model EMA with decay ``beta``, zero start and bias correction, which
@@ -63,13 +62,15 @@ class ClippedAdam(OnePassOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_update: float | None = None,
                  clip: str = "coordinate", bias_correction: bool = False, weight_decay: float = 0.0,
                  decoupled_weight_decay: bool = False, maximize: bool = False, *, fused: bool | None = None,
-                 ema_schedule: str | None = None) -> None:
+                 ema_schedule: str | None = None, max_grad_norm: float | None = None,
+                 state_dtype: torch.dtype | str | None = None, seed: int = 0, param_rounding: str = "nearest") -> None:
         if ema_schedule is not None and ema_schedule not in EMA_SCHEDULES:
             raise ValueError(f"ema_schedule must be one of {EMA_SCHEDULES} or None, got {ema_schedule!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, max_update=max_update, clip=clip,
                         bias_correction=bias_correction, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, ema_schedule=ema_schedule)
-        super().__init__(params, defaults, fused)
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, ema_schedule=ema_schedule,
+                        max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, fused, state_dtype, seed, param_rounding)
 
     @classmethod
     def ahn_cutkosky(cls, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3, beta: float = 0.99,
@@ -97,19 +98,20 @@ class ClippedAdam(OnePassOptimizer):
     def _radius(group: dict[str, Any]) -> float:
         return number("lr", group["lr"]) if group["max_update"] is None else float(group["max_update"])
 
-    def _apply(self, group: dict[str, Any], events: tuple[Event, ...], batches: list[Batch]) -> None:
+    def _apply(self, group: dict[str, Any], events: tuple[Event, ...], batches: list[Batch],
+               clip: GradientClip | None) -> None:
         if len(events) == 1:
-            return super()._apply(group, events, batches)
+            return super()._apply(group, events, batches, clip)
         moments, scaled = events
         device = batches[0].buffers["p"][0].device
         # ||u||^2 per sharding layout, each summed over the ranks that shard it, then added
         squares: dict[tuple | None, list[Tensor]] = {}
         for batch in batches:
-            sums = batch.run(moments, self._gradients(batch.params))
+            sums = self._run(batch, moments, self._gradients(batch.params), clip)
             squares.setdefault(reduction_key(batch.params[0]), []).extend(s.to(device, torch.float64) for s in sums)
         norm = sum(all_reduce_sum(torch.stack(s).sum(), key) for key, s in squares.items()).sqrt()
         # min(1, D / ||u||) without 0/0: radius 0 (lr 0) or a zero update leave p unmoved
         radius = self._radius(group)
         scale = torch.where(norm > radius, radius / torch.clamp(norm, min=1e-30), torch.ones_like(norm))
         for batch in batches:
-            batch.run(scaled, [None] * len(batch.params), {"scale": scale})
+            self._run(batch, scaled, [None] * len(batch.params), None, {"scale": scale})

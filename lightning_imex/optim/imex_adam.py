@@ -8,6 +8,7 @@ from typing import Any, Callable, Hashable, Iterable
 import torch
 from torch import Tensor
 
+from ..validate import boolean
 from .base import ElementwiseOptimizer, check_adam_hyperparameters, gradient_flags, number
 from .closure import closure_calls
 from .plan import Plan, build_plan
@@ -46,6 +47,27 @@ class IMEXAdam(ElementwiseOptimizer):
             on disk). ``None`` picks it on CUDA and for CPU groups of 4k+ elements
             (:func:`~lightning_imex.optim.kernel.select_backend`); ``False`` is the eager
             reference path. Both run the same program (:mod:`~lightning_imex.optim.plan`).
+        max_grad_norm: clip every gradient evaluation to this global L2 norm, as
+            ``torch.nn.utils.clip_grad_norm_`` before the step would, inside the step: one
+            pass computes the norm, the step's own pass applies the factor (the gradients
+            are read twice instead of three times; ``.grad`` is left as it was).
+        state_dtype: how the moments (and the step's moment working buffers) are stored:
+            ``None``, the parameter's dtype (as torch's Adam); ``torch.float32``; or
+            ``torch.bfloat16``, half the bytes, every store rounded stochastically
+            (unbiased; the same bits on every path, so a resumed run is exact). The
+            arithmetic is float32 either way (docs/optimizer-core.md, "State precision").
+            Also by name: ``"float32"``, ``"bfloat16"`` (as a config file gives it); or
+            ``"8bit"``: uint8 codes with a float32 scale per 256 elements, about 2 bytes
+            per parameter, bit-identical on every path (tensors under 256 elements keep
+            float32 moments; docs/optimizer-core.md, "8-bit state").
+        seed: of the stochastic rounding's random bits (held in the param groups, so in
+            ``state_dict``).
+        param_rounding: how stores to bfloat16 parameters round (pure-bf16 training;
+            docs/optimizer-core.md, "Parameter precision"): ``"nearest"`` (as torch's
+            Adam); ``"stochastic"``, unbiased, with the seed's bits; ``"kahan"``, to nearest
+            with the rounding error kept in a bfloat16 compensation buffer (state
+            ``kahan_compensation``, 2 bytes per parameter) that the next step adds back.
+            Both let updates below the parameters' bfloat16 resolution accumulate.
     """
 
     def __init__(
@@ -62,10 +84,13 @@ class IMEXAdam(ElementwiseOptimizer):
         maximize: bool = False,
         *,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        seed: int = 0,
+        param_rounding: str = "nearest",
     ) -> None:
         tableau = get_tableau(tableau)
-        if not isinstance(reuse_gradient, bool):
-            raise TypeError(f"reuse_gradient must be a bool, got {reuse_gradient!r}")
+        boolean("reuse_gradient", reuse_gradient)
         if reuse_gradient and not tableau.allows_gradient_reuse:
             allowed = [name for name, t in TABLEAUX.items() if t.allows_gradient_reuse]
             raise ValueError(
@@ -81,9 +106,9 @@ class IMEXAdam(ElementwiseOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, bias_correction=bias_correction,
-            maximize=maximize, tableau=tableau, reuse_gradient=reuse_gradient,
+            maximize=maximize, tableau=tableau, reuse_gradient=reuse_gradient, max_grad_norm=max_grad_norm,
         )
-        super().__init__(params, defaults, fused)
+        super().__init__(params, defaults, fused, state_dtype, seed, param_rounding)
 
     @property
     def tableau(self) -> IMEXTableau:
@@ -170,9 +195,10 @@ class IMEXAdam(ElementwiseOptimizer):
                         p.grad = None
                 value = self._evaluate(closure, plans[0])
                 loss = value if event.gradient == 1 else loss
+            clip = self._gradient_clip() if event.gradient >= 1 else None  # this evaluation's, over every group
             for plan, group_batches in zip(plans, batches):
                 for batch in group_batches:
-                    batch.run(plan.events[index], self._gradients(batch.params, event.gradient >= 1))
+                    self._run(batch, plan.events[index], self._gradients(batch.params, event.gradient >= 1), clip)
         for group_batches in batches:
             self._count_step(group_batches)
             if self.reuse_gradient:
@@ -202,8 +228,8 @@ class IMEXAdam(ElementwiseOptimizer):
                 "calls `self.manual_backward(loss)` and returns it")
         return loss
 
-    def _init_state(self, state: dict[str, Any], p: Tensor) -> None:
-        super()._init_state(state, p)
+    def _init_state(self, state: dict[str, Any], p: Tensor, dtype: torch.dtype) -> None:
+        super()._init_state(state, p, dtype)
         if self.reuse_gradient:
             state["pending"] = False  # exp_avg/exp_avg_sq await the next gradient
 

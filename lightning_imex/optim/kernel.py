@@ -7,9 +7,10 @@ chosen in :func:`select_backend` alone:
 - ``triton``: one generated Triton kernel per (event, dtype), one launch per event over
   every tensor (:mod:`.triton_backend`).
 
-The compiled paths address the tensors through pointer tables: one row of data
-pointers per buffer and a table of (tensor, offset) blocks, built once and refreshed
-only when a pointer changes (e.g. gradients after ``zero_grad(set_to_none=True)``).
+The compiled paths address the tensors through pointer tables (:mod:`.toolkit`, below
+this module and the backends): one row of data pointers per buffer and a table of
+(tensor, offset) blocks, built once and refreshed only when a pointer changes (e.g.
+gradients after ``zero_grad(set_to_none=True)``).
 They run over each tensor's storage, so any dense layout (contiguous, channels_last,
 transposed) works when the parameter, its gradient and its state share strides;
 tensors that do not get the eager path, in the same step.
@@ -18,36 +19,38 @@ tensors that do not get the eager path, in the same step.
 from __future__ import annotations
 
 import operator
-import os
-from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from .program import Event, Kernel, lower, run_eager, tensor
+from . import cpu_backend, triton_backend  # each imports its toolchain (Triton, a C compiler) on first use
+from .cache import cache_dir  # re-exported: where generated kernels live
+from .program import Event, Kernel, Rounding, Storage, lower, quant_scales, rounding_salt, run_eager, tensor
+from .toolkit import PointerTables, dense_layout, to_device
 
-__all__ = ["Batch", "PointerTables", "select_backend", "local_tensor", "reduction_key", "all_reduce_sum", "cache_dir", "kernel_buffers",
-           "to_device", "COMPILED_MIN_NUMEL"]
+__all__ = ["Batch", "select_backend", "local_tensor", "reduction_key", "all_reduce_sum", "cache_dir",
+           "COMPILED_MIN_NUMEL"]
 
 
 class CompiledBackend(Protocol):
     name: str
+    block: int  # elements per entry of the block table its kernels take
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether kernels for ``dtype`` can run on ``device`` here."""
 
-    def launch(self, kernel: Kernel, dtype: torch.dtype, tables: PointerTables,
+    def launch(self, kernel: Kernel, storage: Storage | torch.dtype, tables: PointerTables,
                buffers: Mapping[str, Sequence[Tensor]], coefficients: Sequence[float],
                runtimes: Mapping[str, Tensor]) -> Tensor | None:
         """Runs ``kernel`` over every tensor of ``tables`` (``buffers``: name -> one tensor
-        per table entry); returns per-block partial sums of squares of ``kernel.reduce``
-        (None without one)."""
+        per table entry) with its buffers held as ``storage`` says (a dtype: all in it);
+        returns per-block partial sums of squares of ``kernel.reduce`` (None without one).
+        With stochastic stores, ``tables.keys`` holds the tensors' keys and the last
+        coefficient the salt (:class:`~.program.Rounding`)."""
 
 
 def _backends() -> dict[str, CompiledBackend]:
-    from . import cpu_backend, triton_backend  # imported on first use: Triton is optional
-
     return {"cpu": cpu_backend.BACKEND, "cuda": triton_backend.BACKEND}
 
 
@@ -117,74 +120,8 @@ def all_reduce_sum(value: Tensor, key: tuple | None) -> Tensor:
     return total
 
 
-def dense_layout(t: Tensor) -> bool:
-    """Whether ``t``'s elements fill ``numel`` consecutive storage slots from its data
-    pointer, in some dimension order (contiguous, channels_last, transposed, ...)."""
-    if t.is_contiguous() or t.numel() <= 1:
-        return True
-    expected = 1
-    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s != 1))
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def kernel_buffers(kernel: Kernel) -> tuple[str, ...]:
-    """Every buffer a kernel touches, read ones first: the order of its pointer rows."""
-    return kernel.inputs + tuple(b for b in kernel.outputs if b not in kernel.inputs)
-
-
-def cache_dir() -> Path:
-    """Where generated kernels live: ``$LIGHTNING_IMEX_CACHE_DIR``, else the user's cache."""
-    root = os.environ.get("LIGHTNING_IMEX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lightning_imex")
-    return Path(root)
-
-
-# What a backend runs once per dtype (and device) before it is used: a copy, to learn
-# whether its toolchain works here.
-PROBE_KERNEL = lower(Event(gradient=0, writes={"p": tensor("m")}))
-
-
-class PointerTables:
-    """One row of data pointers per buffer for a fixed list of tensors, their sizes, and
-    block tables, on the tensors' device. Rows are rebuilt only when a pointer changed."""
-
-    def __init__(self, device: torch.device, numels: Sequence[int]) -> None:
-        self.device, self.count = device, len(numels)
-        self.numels = torch.tensor(list(numels), dtype=torch.int64, device=device)
-        self._numels = list(numels)
-        self.total = sum(self._numels)
-        self._rows: dict[str, tuple[list[int], Tensor]] = {}
-        self._blocks: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def row(self, name: str, tensors: Sequence[Tensor]) -> Tensor:
-        pointers = [t.data_ptr() for t in tensors]
-        cached = self._rows.get(name)
-        if cached is None or cached[0] != pointers:
-            cached = pointers, to_device(torch.tensor(pointers, dtype=torch.int64), self.device)
-            self._rows[name] = cached
-        return cached[1]
-
-    def blocks(self, size: int) -> tuple[Tensor, Tensor]:
-        """(tensor index, first element) of every block of ``size`` elements."""
-        if size not in self._blocks:
-            index, start = [], []
-            for t, n in enumerate(self._numels):
-                offsets = range(0, n, size)
-                index += [t] * len(offsets)
-                start += offsets
-            self._blocks[size] = (to_device(torch.tensor(index, dtype=torch.int32), self.device),
-                                  to_device(torch.tensor(start, dtype=torch.int64), self.device))
-        return self._blocks[size]
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)  # no sync with the device's queue
+# The sum of squares of every gradient and nothing else: a global gradient norm in one pass.
+GRADIENT_SQUARES_KERNEL = lower(Event(gradient=1, writes={}, reduce=tensor("g")))
 
 
 class Batch:
@@ -192,22 +129,42 @@ class Batch:
     (``buffers``: name -> one tensor per parameter, ``"p"`` included) as the kernels see
     them, and the compiled path's pointer tables. Built once and reused by later steps
     while :meth:`matches` (the optimizer keeps it); ``values``, the step's named scalars,
-    is set every step."""
+    and ``step``, the completed steps (salting stochastic rounding), are set every step.
+    ``stochastic``: the buffers whose stores round stochastically, with one key per
+    parameter in ``keys`` (:func:`~.program.tensor_key`). ``quantized``: the 8-bit buffers
+    (buffer -> map), whose scales are in ``buffers`` too (:func:`~.program.quant_scales`)."""
 
-    def __init__(self, params: list[Tensor], buffers: dict[str, list[Tensor]], backend: CompiledBackend | None) -> None:
-        self.params, self.backend, self.values = params, backend, {}
+    def __init__(self, params: list[Tensor], buffers: dict[str, list[Tensor]], backend: CompiledBackend | None,
+                 stochastic: Sequence[str] = (), keys: Sequence[int] = (),
+                 quantized: Mapping[str, str] | None = None) -> None:
+        self.params, self.backend, self.values, self.step = params, backend, {}, 0
+        self.stochastic, self.keys, self.quantized = tuple(stochastic), tuple(keys), dict(quantized or {})
+        self._storage: dict[Kernel, Storage] = {}
         self._given = buffers
         self._pointers = [p.data_ptr() for p in params]
         self.buffers = {name: [local_tensor(t) for t in ts] for name, ts in buffers.items()}
-        self.compiled = compiled_indices(self.buffers) if backend is not None else []
+        scales = {quant_scales(name) for name in self.quantized}
+        self.compiled = compiled_indices({k: v for k, v in self.buffers.items() if k not in scales}) \
+            if backend is not None else []
         if self.compiled:
             local = self.buffers["p"]
             self.tables = PointerTables(local[0].device, [local[i].numel() for i in self.compiled])
+            if self.stochastic:
+                self.tables.keys = to_device(torch.tensor([self.keys[i] for i in self.compiled], dtype=torch.int64),
+                                             local[0].device)
 
-    def matches(self, buffers: dict[str, list[Tensor]], backend: CompiledBackend | None) -> bool:
+    def matches(self, buffers: dict[str, list[Tensor]], backend: CompiledBackend | None,
+                stochastic: Sequence[str] = (), keys: Sequence[int] = (),
+                quantized: Mapping[str, str] | None = None, scratch: Mapping[str, torch.dtype] | None = None
+                ) -> bool:
         """Whether this batch still describes ``buffers``: the same tensors, and parameters
-        whose storage was not replaced (``p.data = ...``, e.g. by ``module.to``)."""
-        return (backend is self.backend and buffers.keys() == self._given.keys()
+        whose storage was not replaced (``p.data = ...``, e.g. by ``module.to``). ``scratch``:
+        the working buffers (name -> dtype) that the batch holds besides ``buffers``."""
+        scratch = scratch or {}
+        return (backend is self.backend and buffers.keys() | scratch.keys() == self._given.keys()
+                and all(self._given[name][0].dtype == dtype for name, dtype in scratch.items())
+                and self.stochastic == tuple(stochastic) and self.keys == tuple(keys)
+                and self.quantized == dict(quantized or {})
                 and all(all(map(operator.is_, ts, self._given[name])) for name, ts in buffers.items())
                 and [p.data_ptr() for p in self.params] == self._pointers)
 
@@ -227,12 +184,45 @@ class Batch:
             chosen = set(self.compiled)
             eager = {k: [t for i, t in enumerate(v) if i not in chosen] for k, v in buffers.items()}
             compiled = {k: [v[i] for i in self.compiled] for k, v in buffers.items()}
-        sums = run_eager(kernel, eager, coefficients, runtimes) if eager else []
+        storage = self._storage.get(kernel)
+        if storage is None:
+            dtypes = {name: ts[0].dtype for name, ts in buffers.items()}
+            storage = self._storage[kernel] = Storage.of(kernel, dtypes, self.stochastic, self.quantized)
+        rounding = None
+        if storage.stochastic:
+            salt = rounding_salt(self.step, kernel.gradient)
+            chosen = set(self.compiled)
+            rounding = Rounding(tuple(k for i, k in enumerate(self.keys) if i not in chosen), salt)
+            coefficients = [*coefficients, float(salt)]  # the compiled paths read the salt last
+        sums = run_eager(kernel, eager, coefficients, runtimes, storage, rounding) if eager else []
         if self.compiled:
-            partial = self.backend.launch(kernel, self.buffers["p"][0].dtype, self.tables, compiled, coefficients, runtimes)
+            partial = self.backend.launch(kernel, storage, self.tables, compiled, coefficients, runtimes)
             if partial is not None:
                 sums.append(partial.sum(dtype=torch.float64))
         return sums
+
+    def gradient_squares(self, grads: Sequence[Tensor]) -> tuple[list[int], Tensor]:
+        """The sum of squares of each gradient (float64, on the device, over the local
+        shard) and the indices of the parameters they belong to, in that order: one launch
+        of a reduce-only kernel over the compiled path's tensors, one ``torch._foreach_norm``
+        over the others."""
+        grads = [_laid_out_like(local_tensor(g), p) for g, p in zip(grads, self.buffers["p"])]
+        order, sums = [], []
+        if self.compiled:
+            partial = self.backend.launch(GRADIENT_SQUARES_KERNEL, self.buffers["p"][0].dtype, self.tables,
+                                          {"g": [grads[i] for i in self.compiled]}, [], {})
+            block_tensor, _ = self.tables.blocks(self.backend.block)
+            per_tensor = torch.zeros(len(self.compiled), dtype=torch.float64, device=partial.device)
+            order += self.compiled
+            sums.append(per_tensor.index_add_(0, block_tensor, partial))
+        if len(self.compiled) < len(grads):
+            chosen = set(self.compiled)
+            eager = [i for i in range(len(grads)) if i not in chosen]
+            dtype = torch.promote_types(grads[eager[0]].dtype, torch.float32)  # low-precision norms in float32
+            norms = torch._foreach_norm([grads[i] for i in eager], 2, dtype=dtype)
+            order += eager
+            sums.append(torch.stack(norms).double().square())
+        return order, torch.cat(sums) if len(sums) > 1 else sums[0]
 
 
 def _laid_out_like(g: Tensor, p: Tensor) -> Tensor:

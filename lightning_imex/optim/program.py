@@ -19,7 +19,9 @@ immutable and hashable, so programs are cache keys.
 which every maximal sub-expression built from scalars alone is evaluated once per step
 on the host in float64 (a *coefficient*), so ``(1 - b1)`` costs nothing per element and
 hyper-parameters never reach the generated code. :func:`run_eager` executes a kernel
-with torch operations (the reference path); the backends translate the same nodes.
+with torch operations (the reference path); the backends translate the same nodes. A
+:class:`Storage` types a kernel's buffers (a dtype each, and which stores round
+stochastically): the precision of state is a property of its buffers, not of an optimizer.
 """
 
 from __future__ import annotations
@@ -28,16 +30,19 @@ import math
 import operator
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import Any, Hashable, Mapping, Sequence, Union
+from typing import Any, Callable, Hashable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["Expr", "Event", "Kernel", "Node", "tensor", "scalar", "runtime", "sqrt", "maximum", "minimum", "clamp",
-           "lower", "run_eager", "COMPUTE_DTYPES"]
+           "round_bf16", "lower", "run_eager", "with_gradient", "LR", "B1", "B2", "EPS", "WD", "K", "gradient",
+           "decayed", "with_compensation", "COMPUTE_DTYPES", "Storage", "Rounding", "mix32", "tensor_key",
+           "rounding_salt", "round_stochastically", "element_offsets", "stochastic_slots", "QUANT_BLOCK", "QUANT_MAPS",
+           "quant_scales", "quant_blocks", "quantize", "dequantize"]
 
 # Operators by arity. Comparisons are deliberately absent: every node is a number.
-UNARY = ("neg", "abs", "sqrt")
+UNARY = ("neg", "abs", "sqrt", "bf16")  # bf16: rounded to the nearest bfloat16, kept as a number
 BINARY = ("add", "sub", "mul", "div", "pow", "max", "min")
 LEAVES = ("tensor", "scalar", "runtime", "const")
 
@@ -145,6 +150,12 @@ def sqrt(x: Expr) -> Expr:
     return Expr("sqrt", (_const(x),))
 
 
+def round_bf16(x: Expr) -> Expr:
+    """``x`` rounded to the nearest bfloat16 (ties to even), as a float32 value: what a
+    bfloat16 store of ``x`` keeps."""
+    return Expr("bf16", (_const(x),))
+
+
 def maximum(a: Operand, b: Operand) -> Expr:
     """Element-wise maximum; NaN if either operand is NaN (as ``torch.maximum``)."""
     return _apply("max", a, b)
@@ -157,6 +168,23 @@ def minimum(a: Operand, b: Operand) -> Expr:
 def clamp(x: Expr, low: Operand, high: Operand) -> Expr:
     """``x`` clamped to ``[low, high]`` (NaN stays NaN, as ``torch.clamp``)."""
     return minimum(maximum(x, low), high)
+
+
+# The per-step scalars of the Adam family, by name (values from the optimizers' ``_scalars``).
+LR, B1, B2, EPS, WD = scalar("lr"), scalar("b1"), scalar("b2"), scalar("eps"), scalar("wd")
+K = scalar("k")  # the step number, from 1
+
+
+def gradient(g: Expr, p: Expr, maximize: bool, l2: bool) -> Expr:
+    """The gradient a program uses: negated when maximizing, then plus L2 weight decay
+    (torch's order)."""
+    g = -g if maximize else g
+    return g + WD * p if l2 else g
+
+
+def decayed(p: Expr, decoupled: bool) -> Expr:
+    """The parameter after decoupled weight decay (AdamW), before the update."""
+    return p * (1 - LR * WD) if decoupled else p
 
 
 @dataclass(frozen=True)
@@ -176,6 +204,52 @@ class Event:
         object.__setattr__(self, "gradient", gradient)
         object.__setattr__(self, "writes", items)
         object.__setattr__(self, "reduce", reduce)
+
+
+@lru_cache(maxsize=None)
+def with_gradient(event: Event, value: Expr) -> Event:
+    """``event`` reading ``value`` wherever it reads the gradient ``tensor("g")``: how a
+    transformation of the gradient (a clip factor, a runtime scalar) enters the pass that
+    consumes it instead of a pass of its own."""
+    visit = _substitution(tensor("g"), value)
+    return Event(event.gradient, [(buffer, visit(v)) for buffer, v in event.writes],
+                 visit(event.reduce) if event.reduce is not None else None)
+
+
+def _substitution(leaf: Expr, value: Expr) -> Callable[[Expr], Expr]:
+    """A function that rewrites an expression with ``value`` wherever it has ``leaf``."""
+    done: dict[Expr, Expr] = {}
+
+    def visit(e: Expr) -> Expr:
+        if e == leaf:
+            return value
+        if e.op in LEAVES:
+            return e
+        if e not in done:
+            done[e] = Expr(e.op, tuple(visit(a) for a in e.args))
+        return done[e]
+
+    return visit
+
+
+@lru_cache(maxsize=None)
+def with_compensation(event: Event, buffer: str, compensation: str) -> Event:
+    """``event`` with ``buffer`` (bfloat16) and ``compensation`` (bfloat16) holding one
+    value between them, Kahan-style: the event reads ``buffer + compensation`` wherever it
+    read ``buffer``, and a write of ``x`` stores ``r = round_bf16(x)`` in ``buffer`` and the
+    rounding error ``x - r`` (exact in float32) in ``compensation``, added back by the next
+    read. An update smaller than half of ``buffer``'s bfloat16 spacing, which a rounded
+    store would drop, accumulates in ``compensation`` until it moves ``buffer``."""
+    visit = _substitution(tensor(buffer), tensor(buffer) + tensor(compensation))
+    writes = []
+    for name, x in event.writes:
+        x = visit(x)
+        if name == buffer:
+            rounded = round_bf16(x)
+            writes += [(name, rounded), (compensation, x - rounded)]
+        else:
+            writes.append((name, x))
+    return Event(event.gradient, writes, visit(event.reduce) if event.reduce is not None else None)
 
 
 # A lowered node: (op, operands). Operands are node indices, except for the leaves:
@@ -232,6 +306,7 @@ _SCALAR_OPS = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": _divide, "pow": operator.pow,
     "max": max, "min": min, "neg": operator.neg, "abs": abs,
     "sqrt": lambda a: math.sqrt(a) if a >= 0 else math.nan,
+    "bf16": lambda a: float(torch.tensor(a, dtype=torch.float32).bfloat16()),
 }
 
 
@@ -280,24 +355,206 @@ def lower(event: Event) -> Kernel:
 # path (as the compiled backends must do anyway).
 COMPUTE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
+
+def _sqrt(x: Tensor) -> Tensor:
+    # torch's vectorized float32 sqrt is not always correctly rounded (C's and Triton's
+    # sqrt_rn are): float64's, rounded once to float32, is, so the paths agree bit for bit
+    return torch.sqrt(x.double()).float() if x.dtype == torch.float32 else torch.sqrt(x)
+
+
 _TORCH_OPS = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv, "pow": operator.pow,
-    "max": torch.maximum, "min": torch.minimum, "neg": operator.neg, "abs": torch.abs, "sqrt": torch.sqrt,
+    "max": torch.maximum, "min": torch.minimum, "neg": operator.neg, "abs": torch.abs, "sqrt": _sqrt,
+    "bf16": lambda x: x.to(torch.float32).to(torch.bfloat16).to(x.dtype),  # through float32, as the backends
 }
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How a kernel's buffers are held in memory: the dtype of each, the written buffers
+    whose stores round stochastically (:func:`round_stochastically`), and the 8-bit ones
+    (:func:`quantize`). A
+    :class:`Kernel` with its Storage is a typed program: what one compiled function is
+    generated for. Values are computed in float64 when a buffer is float64, else float32."""
+
+    dtypes: tuple[tuple[str, torch.dtype], ...]
+    stochastic: tuple[str, ...] = ()
+    # 8-bit buffers: (buffer, map name in QUANT_MAPS); uint8 codes, with a float32 absmax
+    # per QUANT_BLOCK elements in the buffer named quant_scales(buffer)
+    quantized: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def of(kernel: Kernel, dtypes: torch.dtype | Mapping[str, torch.dtype], stochastic: Sequence[str] = (),
+           quantized: Mapping[str, str] | None = None) -> Storage:
+        """``kernel``'s buffers held in ``dtypes`` (one dtype for all, or one per buffer);
+        ``stochastic``: the buffers whose stores round stochastically, where written;
+        ``quantized``: the 8-bit buffers (buffer -> map), where touched."""
+        names = kernel.inputs + tuple(b for b in kernel.outputs if b not in kernel.inputs)
+        typed = {name: dtypes if isinstance(dtypes, torch.dtype) else dtypes[name] for name in names}
+        return Storage(tuple(typed.items()), tuple(b for b in kernel.outputs if b in stochastic),
+                       tuple((b, kind) for b, kind in (quantized or {}).items() if b in typed))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return dict(self.dtypes)[name]
+
+    @property
+    def compute(self) -> torch.dtype:
+        return torch.float64 if any(d == torch.float64 for _, d in self.dtypes) else torch.float32
+
+
+# 8-bit blockwise state (docs/optimizer-core.md, "8-bit state"): a buffer is stored as one
+# uint8 code per element and one float32 scale per block of QUANT_BLOCK elements (by
+# offset in the tensor's storage, so a block never straddles two tensors): the block's
+# largest magnitude (NaN ignored), 0 for an all-zero block. The maps are power maps, with
+# closed forms in a few correctly rounded float32 operations that every path computes
+# alike (x: the value divided by the scale, in [-1, 1]; k: a code's magnitude):
+#   "signed"   (m):  k = round(127 sqrt(|x|)), bit 7 the sign;  x = +-(k*k / 16129)
+#   "unsigned" (v):  k = round(255 sqrt(sqrt(x))), x < 0 -> 0;  x = (k*k / 65025)**2
+# round(r) is floor(r + 0.5) (exact for r <= 255), a NaN value gets code 0. The signed map
+# resolves down to 6e-5 of the block's largest m, the unsigned one to 2.4e-10 of its
+# largest v (1.5e-5 of the largest sqrt(v)), finer near zero, where Adam's moments crowd.
+# QUANT_BLOCK divides the compiled backends' blocks, so one program (C block, Triton
+# program) computes a block's values, its scale, then its codes.
+QUANT_BLOCK = 256
+QUANT_MAPS = {"signed": (127.0, 16129.0), "unsigned": (255.0, 65025.0)}  # (codes per sign, their square)
+
+
+def quant_scales(buffer: str) -> str:
+    """The name of the per-block scales of 8-bit ``buffer``."""
+    return f"{buffer}_absmax"
+
+
+def quant_blocks(numel: int) -> int:
+    return -(-numel // QUANT_BLOCK)
+
+
+def quantize(value: Tensor, offsets: Tensor, blocks: int, kind: str) -> tuple[Tensor, Tensor]:
+    """(uint8 codes of ``value`` (float32), float32 scale per block) under map ``kind``;
+    ``offsets``: each element's offset in its tensor's storage (:func:`element_offsets`)."""
+    levels, _ = QUANT_MAPS[kind]
+    block = (offsets // QUANT_BLOCK).reshape(-1)
+    magnitude = value.abs()
+    magnitude = torch.where(magnitude == magnitude, magnitude, 0.0).reshape(-1)
+    scales = torch.zeros(blocks, dtype=torch.float32, device=value.device).scatter_reduce_(
+        0, block, magnitude, "amax")
+    x = value / torch.where(scales > 0, scales, 1.0)[block].view(value.shape)
+    r = _sqrt(x.abs()) if kind == "signed" else _sqrt(_sqrt(torch.where(x > 0, x, 0.0)))
+    r = r * levels
+    k = torch.where(r >= 0, torch.floor(r + 0.5), 0.0).to(torch.uint8)
+    return (k | torch.where(x < 0, 128, 0).to(torch.uint8) if kind == "signed" else k), scales
+
+
+def dequantize(codes: Tensor, scales: Tensor, offsets: Tensor, kind: str) -> Tensor:
+    """The float32 values of 8-bit ``codes`` with per-block ``scales`` (:func:`quantize`)."""
+    _, square = QUANT_MAPS[kind]
+    k = (codes & 127 if kind == "signed" else codes).to(torch.float32)
+    x = (k * k) / square
+    x = torch.where(codes >= 128, -x, x) if kind == "signed" else x * x
+    return x * scales[offsets // QUANT_BLOCK]
+
+
+# Stochastic rounding (float32 to bfloat16): add 16 random bits to the value's low 16 bits,
+# then truncate them; a value between two neighbours x < y rounds to y with probability
+# (value - x) / (y - x), so the rounding is unbiased. The bits are a counter-based hash of
+# (seed, step, tensor, element) that every path computes identically in 32-bit unsigned
+# arithmetic, so eager, C and Triton agree bit for bit and a resumed run repeats them:
+#   tensor key  = mix32(mix32(seed) ^ tensor index)          (host, once)
+#   salt        = mix32(mix32(step) + gradient evaluation)   (host, per event)
+#   stream_q    = mix32(mix32(key ^ salt) + q + 1)           (per tensor and pair q of stochastic writes)
+#   hash_q      = mix32(element index ^ stream_q)            (per element: its offset in the tensor's storage)
+# and the r-th stochastic write of an event (in the order of its writes) takes the bits
+# hash_{r // 2} >> (16 * (r % 2)): one hash serves two stores, 16 bits each.
+# mix32 is the "lowbias32" integer hash (C. Wellons): two multiplications, three xor-shifts.
+MIX32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x: int) -> int:
+    x &= MASK32
+    for shift, multiplier in zip((16, 15), MIX32_MULTIPLIERS):
+        x = ((x ^ (x >> shift)) * multiplier) & MASK32
+    return x ^ (x >> 16)
+
+
+def tensor_key(seed: int, index: int) -> int:
+    return mix32(mix32(seed) ^ index)
+
+
+def rounding_salt(step: int, gradient: int) -> int:
+    return mix32(mix32(step) + gradient)
+
+
+def _mix32_tensor(x: Tensor) -> Tensor:
+    """:func:`mix32` of int64 tensors holding uint32 values (products split in 16-bit
+    halves: no int64 overflow)."""
+    for shift, multiplier in zip((16, 15), MIX32_MULTIPLIERS):
+        x = x ^ (x >> shift)
+        x = (x * (multiplier & 0xFFFF) + (((x * (multiplier >> 16)) & 0xFFFF) << 16)) & MASK32
+    return x ^ (x >> 16)
+
+
+def element_offsets(t: Tensor) -> Tensor:
+    """Each element's offset from ``t``'s data pointer (int64, ``t``'s shape): the element
+    index the compiled paths hash, whatever the dense layout."""
+    offsets = torch.zeros((), dtype=torch.int64, device=t.device)
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        shape = [1] * t.dim()
+        shape[dim] = size
+        offsets = offsets + (torch.arange(size, dtype=torch.int64, device=t.device) * stride).view(shape)
+    return offsets.expand(t.shape)
+
+
+def round_stochastically(value: Tensor, bits: Tensor) -> Tensor:
+    """``value`` (float32) as bfloat16, rounded up in magnitude with probability given by
+    ``bits``' low 16 bits (int64); NaN stays NaN (quiet) and infinities stay infinite."""
+    u = value.view(torch.int32).to(torch.int64) & MASK32
+    magnitude = u & 0x7FFFFFFF
+    rounded = torch.where(magnitude > 0x7F800000, (u >> 16) | 0x40,
+                          torch.where(magnitude == 0x7F800000, u >> 16, (u + (bits & 0xFFFF)) >> 16))
+    return torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16).view(torch.bfloat16)
+
+
+def stochastic_slots(kernel: Kernel, storage: Storage) -> dict[str, tuple[int, int]]:
+    """(pair q, half) of each stochastically stored buffer: the r-th such write of
+    ``kernel`` takes the bits ``hash_q >> (16 * half)`` with ``(q, half) = divmod(r, 2)``."""
+    written = [buffer for buffer, _ in kernel.writes if buffer in storage.stochastic]
+    return {buffer: divmod(r, 2) for r, buffer in enumerate(written)}
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """The inputs of the random bits of a launch's stochastic stores: one key per tensor
+    (:func:`tensor_key`) and the event's salt (:func:`rounding_salt`)."""
+
+    keys: tuple[int, ...]
+    salt: int
+
+    def stream(self, tensor: int, pair: int) -> int:
+        """stream_q of pair ``pair`` for the ``tensor``-th key."""
+        return mix32(mix32(self.keys[tensor] ^ self.salt) + pair + 1)
+
+
 def run_eager(kernel: Kernel, buffers: Mapping[str, Sequence[Tensor]], coefficients: Sequence[float],
-              runtimes: Mapping[str, Tensor] | None = None) -> list[Tensor]:
+              runtimes: Mapping[str, Tensor] | None = None, storage: Storage | None = None,
+              rounding: Rounding | None = None) -> list[Tensor]:
     """Executes ``kernel`` with torch operations, tensor by tensor. ``buffers`` maps each
     input and output name to one tensor per parameter. Returns the per-tensor sums of
-    squares of ``kernel.reduce`` in float64 (empty without one)."""
+    squares of ``kernel.reduce`` in float64 (empty without one). Stores to
+    ``storage.stochastic`` buffers round stochastically with ``rounding``'s bits; 8-bit
+    buffers (``storage.quantized``) are read and written with their scales."""
     count = len(buffers[(kernel.inputs or kernel.outputs)[0]])
+    stochastic = storage.stochastic if storage is not None else ()
+    quantized = dict(storage.quantized) if storage is not None else {}
+    slots = stochastic_slots(kernel, storage) if stochastic else {}
     sums = []
     for i in range(count):
         values: list[Any] = []
         for node in kernel.nodes:
             op = node[0]
-            if op == "tensor":
+            if op == "tensor" and node[1] in quantized:
+                t = buffers[node[1]][i]
+                values.append(dequantize(t, buffers[quant_scales(node[1])][i], element_offsets(t), quantized[node[1]]))
+            elif op == "tensor":
                 t = buffers[node[1]][i]
                 values.append(t.to(COMPUTE_DTYPES[t.dtype]) if t.dtype in COMPUTE_DTYPES else t)
             elif op == "coef":
@@ -310,8 +567,20 @@ def run_eager(kernel: Kernel, buffers: Mapping[str, Sequence[Tensor]], coefficie
         if kernel.reduce is not None:
             sums.append(values[kernel.reduce].double().square().sum())
         results = [values[j] for _, j in kernel.writes]
+        hashes: dict[int, Tensor] = {}
         for (buffer, _), value in zip(kernel.writes, results):
-            buffers[buffer][i].copy_(value)
+            target = buffers[buffer][i]
+            if buffer in quantized:
+                scales = buffers[quant_scales(buffer)][i]
+                value, scale = quantize(value.to(torch.float32).expand(target.shape), element_offsets(target),
+                                        scales.numel(), quantized[buffer])
+                scales.copy_(scale)
+            elif buffer in stochastic:
+                pair, half = slots[buffer]
+                if pair not in hashes:
+                    hashes[pair] = _mix32_tensor((element_offsets(target) & MASK32) ^ rounding.stream(i, pair))
+                value = round_stochastically(value.to(torch.float32).expand(target.shape), hashes[pair] >> (16 * half))
+            target.copy_(value)
     return sums
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import cached_property, lru_cache
 from typing import Mapping, Sequence
 
-__all__ = ["IMEXTableau", "Geometry", "TABLEAUX", "get_tableau", "moment_rows"]
+from ..validate import integer
+
+__all__ = ["IMEXTableau", "Geometry", "TABLEAUX", "get_tableau", "moment_rows", "moment_polynomials"]
 
 # Coefficients are compared with this tolerance: tableaux are written with ~1e-11 digits.
 _TOL = 1e-12
@@ -81,8 +84,7 @@ class IMEXTableau:
         values = [*b_e, *b_i, *(x for row in a_e + a_i for x in row)]
         if not all(math.isfinite(x) for x in values):
             raise ValueError("IMEXTableau coefficients must be finite numbers")
-        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
-            raise ValueError(f"IMEXTableau.order must be a positive int, got {self.order!r}")
+        integer("IMEXTableau.order", self.order, 1)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"IMEXTableau.name must be a non-empty string, got {self.name!r}")
         object.__setattr__(self, "a_explicit", a_e)
@@ -137,11 +139,6 @@ class IMEXTableau:
                 f"gradients={self.num_gradients}, positivity_preserving={self.positivity_preserving})")
 
 
-# Generic values of ``c = 1 - beta`` used to decide which coefficients vanish identically
-# and which stages share moments (coefficients are polynomials in c).
-_PROBES = (0.1234, 0.5678, 0.9012)
-
-
 @lru_cache(maxsize=256)
 def moment_rows(tableau: IMEXTableau, c: float) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
     """The moments in coefficient form: every stage moment is a linear combination of the
@@ -169,16 +166,46 @@ def moment_rows(tableau: IMEXTableau, c: float) -> tuple[tuple[float, ...], tupl
     return tuple(alpha), tuple(tuple(row) for row in gamma)
 
 
-def stage_moment(tableau: IMEXTableau, stage: int) -> tuple[tuple[float, ...], frozenset[int]]:
+# A polynomial in c with exact rational coefficients, lowest degree first.
+Polynomial = tuple[Fraction, ...]
+
+
+@lru_cache(maxsize=64)
+def moment_polynomials(tableau: IMEXTableau) -> tuple[tuple[Polynomial, tuple[Polynomial, ...]], ...]:
+    """:func:`moment_rows` symbolically: per stage (index ``num_stages``: the final
+    moment), ``alpha`` and each ``gamma_k`` as a polynomial in ``c`` whose coefficients are
+    the exact rationals the float tableau entries denote. Two stages have identical
+    moments for every beta exactly when their polynomials are equal: this decides stage
+    identity, with no tolerance and no sampling."""
+    s, stages = tableau.num_stages, tableau.gradient_stages
+    zero: Polynomial = (Fraction(0),) * (s + 2)  # row i has degree <= i: the last entry stays 0
+
+    def minus_c_times(p: Polynomial, w: Fraction) -> list[Fraction]:  # -c w p
+        return [Fraction(0), *(-w * x for x in p[:-1])]
+
+    rows: list[tuple[Polynomial, tuple[Polynomial, ...]]] = []
+    for i in range(s + 1):
+        weights = tableau.b_explicit if i == s else tableau.a_explicit[i]
+        alpha, gamma = [Fraction(1), *zero[1:]], [list(zero) for _ in stages]
+        # m_i = m_n + c * sum_j w_j (g_j - m_j), over gradient stages j < i
+        for col, j in enumerate(stages):
+            w = Fraction(weights[j])
+            if j >= i and i < s or w == 0:
+                continue
+            alpha = [a + d for a, d in zip(alpha, minus_c_times(rows[j][0], w))]
+            for k in range(len(stages)):
+                gamma[k] = [a + d for a, d in zip(gamma[k], minus_c_times(rows[j][1][k], w))]
+            gamma[col][1] += w
+        rows.append((tuple(alpha), tuple(tuple(g) for g in gamma)))
+    return tuple(rows)
+
+
+def stage_moment(tableau: IMEXTableau, stage: int) -> tuple[tuple, frozenset[int]]:
     """A stage's moment as a comparable key (equal keys: identical moments for every
-    beta), and the gradients it depends on."""
-    key, deps = [], set()
-    for c in _PROBES:
-        alpha, gamma = moment_rows(tableau, c)
-        key.append(round(alpha[stage], 10))
-        key.extend(round(x, 10) for x in gamma[stage])
-        deps.update(k for k, x in enumerate(gamma[stage]) if abs(x) > _TOL)
-    return tuple(key), frozenset(deps)
+    beta, decided exactly by :func:`moment_polynomials`), and the gradients it depends on
+    (those whose coefficient is not the zero polynomial)."""
+    key = moment_polynomials(tableau)[stage]
+    return key, frozenset(k for k, g in enumerate(key[1]) if any(g))
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """The CUDA backend: each lowered event (:class:`~.program.Kernel`) becomes one Triton
 kernel, generated per (event, dtype), that updates every tensor of a batch in a single
-launch through pointer tables (:class:`~.kernel.PointerTables`), as Triton's grouped-GEMM
+launch through pointer tables (:class:`~.toolkit.PointerTables`), as Triton's grouped-GEMM
 tutorial does: program ``i`` takes block ``i`` of the block table (a tensor index and a
 first element), loads that tensor's data pointer from each buffer's row, computes every
 value in float32 (float64 for float64 tensors) and stores the written buffers last.
 
 The kernel's Python source is generated from the same nodes that :func:`~.program.run_eager`
-interprets, written to the cache directory (named by its hash) and imported from there,
-because Triton reads a kernel's source with :func:`inspect.getsource`; Triton caches the
-compiled binaries itself. Coefficients reach the kernel as a float64 device tensor and
+interprets, kept in the kernel cache (named by its hash, under the rules of :mod:`.cache`)
+and imported from a file, a private copy of the verified source, because Triton reads a
+kernel's source with :func:`inspect.getsource`; Triton caches the compiled binaries
+itself. Coefficients reach the kernel as a float64 device tensor and
 runtime scalars by pointer, so a new learning rate never recompiles and nothing waits
 for the device.
 
@@ -24,7 +25,6 @@ import contextlib
 import hashlib
 import importlib.util
 import os
-import tempfile
 import warnings
 from types import ModuleType
 from typing import Callable, Mapping, Sequence
@@ -32,8 +32,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .kernel import PROBE_KERNEL, PointerTables, cache_dir, kernel_buffers, to_device
-from .program import Kernel
+from . import cache
+from .toolkit import PROBE_KERNEL, PointerTables, kernel_buffers, to_device
+from .program import MIX32_MULTIPLIERS, QUANT_BLOCK, QUANT_MAPS, Kernel, Storage, quant_scales, stochastic_slots
 
 __all__ = ["BACKEND", "TritonBackend", "triton_source"]
 
@@ -47,26 +48,75 @@ ALIGNMENT = 16
 _ELEMENT_TYPES = {torch.float32: "tl.float32", torch.float64: "tl.float64",
                   torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16"}
 
+# Float32 to bfloat16, to nearest (ties to even), NaN kept quiet: in integer operations, as
+# the C backend's bf16_store, because Triton's interpreter truncates in its own conversion.
+# Then program.quantize and program.dequantize, element by element.
 _HEADER = """import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 
 @triton.jit
-"""
+def bf16_nearest(x):
+    u = x.to(tl.uint32, bitcast=True)
+    rounded = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-def triton_source(kernel: Kernel, dtype: torch.dtype) -> str:
-    """The Python source of ``imex_kernel``, the Triton kernel for ``kernel`` on ``dtype``
-    tensors. Its arguments: one row of data pointers per buffer (:func:`kernel_buffers`
-    order), the tensors' sizes, the block table, the coefficients and the runtime
-    scalars when the kernel reads any, and ``partial`` (one sum of squares of
-    ``kernel.reduce`` per block, in float64 as on the eager path) when it has one."""
-    element = _ELEMENT_TYPES[dtype]
-    compute = "tl.float64" if dtype == torch.float64 else "tl.float32"
+@triton.jit
+def dequant_signed(c, scale):
+    k = (c & 127).to(tl.float32)
+    x = tl.div_rn(k * k, tl.full(c.shape, %(s2)s, tl.float32))
+    return tl.where(c >= 128, -x, x) * scale
+
+
+@triton.jit
+def dequant_unsigned(c, scale):
+    k = c.to(tl.float32)
+    x = tl.div_rn(k * k, tl.full(c.shape, %(u2)s, tl.float32))
+    return (x * x) * scale
+
+
+@triton.jit
+def quant_signed(v, divisor):
+    x = tl.div_rn(v, divisor)
+    r = tl.sqrt_rn(tl.abs(x)) * %(s1)s
+    k = tl.where(r >= 0, tl.floor(r + 0.5), 0.0).to(tl.uint8)
+    return tl.where(x < 0, k | 128, k).to(tl.uint8)
+
+
+@triton.jit
+def quant_unsigned(v, divisor):
+    x = tl.div_rn(v, divisor)
+    r = tl.sqrt_rn(tl.sqrt_rn(tl.where(x > 0, x, 0.0))) * %(u1)s
+    return tl.where(r >= 0, tl.floor(r + 0.5), 0.0).to(tl.uint8)
+
+
+@triton.jit
+""" % dict(s1=QUANT_MAPS["signed"][0], s2=QUANT_MAPS["signed"][1], u1=QUANT_MAPS["unsigned"][0],
+           u2=QUANT_MAPS["unsigned"][1])
+
+
+def triton_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
+    """The Python source of ``imex_kernel``, the Triton kernel for ``kernel`` with its
+    buffers held as ``storage`` says (a dtype: all in it). Its arguments: one row of data
+    pointers per buffer (:func:`kernel_buffers` order), the tensors' sizes, the block
+    table, the tensors' keys with stochastic stores, the coefficients (then the salt, with
+    stochastic stores) and the runtime scalars when the kernel reads any, and ``partial``
+    (one sum of squares of ``kernel.reduce`` per block, in float64 as on the eager path)
+    when it has one; the scales of 8-bit buffers follow the rows, in ``storage.quantized``
+    order. A program holds whole QUANT_BLOCKs, so it finds their scales and codes itself."""
+    if not isinstance(storage, Storage):
+        storage = Storage.of(kernel, storage)
+    compute = "tl.float64" if storage.compute == torch.float64 else "tl.float32"
     buffers = kernel_buffers(kernel)
-    arguments = [f"row{k}" for k in range(len(buffers))] + ["numels", "block_tensor", "block_start"]
-    arguments += ["coefficients"] if kernel.coefficients else []
+    quantized = dict(storage.quantized)
+    elements = [_ELEMENT_TYPES[storage.dtype(name)] if name not in quantized else "tl.uint8" for name in buffers]
+    arguments = [f"row{k}" for k in range(len(buffers))]
+    arguments += [f"scales{buffers.index(name)}" for name, _ in storage.quantized]
+    arguments += ["numels", "block_tensor", "block_start"]
+    arguments += ["keys"] if storage.stochastic else []
+    arguments += ["coefficients"] if kernel.coefficients or storage.stochastic else []
     arguments += [f"runtime{k}" for k in range(len(kernel.runtimes))]
     arguments += ["partial"] if kernel.reduce is not None else []
     lines = [f"def imex_kernel({', '.join(arguments)}, BLOCK: tl.constexpr):",
@@ -76,15 +126,58 @@ def triton_source(kernel: Kernel, dtype: torch.dtype) -> str:
              "    n = tl.load(numels + t)",
              "    offsets = start + tl.arange(0, BLOCK)"]
     lines += [f"    address{k} = tl.load(row{k} + t)  # {name!r}" for k, name in enumerate(buffers)]
+    lines += [f"    scale{k} = tl.load(scales{k} + t).to(tl.pointer_type(tl.float32))"
+              for k in (buffers.index(name) for name, _ in storage.quantized)]
     per_element = _per_element(kernel)
     lines += [f"    x{n} = {_expression(kernel, node, compute)}"
               for n, node in enumerate(kernel.nodes) if not per_element[n]]
+    if storage.stochastic:  # program.py's comment on stochastic rounding says which bits
+        lines.append(f"    salt = tl.load(coefficients + {len(kernel.coefficients)}).to(tl.uint32)")
+        lines += _mix32("base", "tl.load(keys + t).to(tl.uint32) ^ salt", "    ")
+        for q in sorted({q for q, _ in stochastic_slots(kernel, storage).values()}):
+            lines += _mix32(f"stream{q}", f"base + {q + 1}", "    ")
     addresses = " | ".join(f"address{k}" for k in range(len(buffers)))
     lines.append(f"    if (start + BLOCK <= n) & (({addresses}) % {ALIGNMENT} == 0):")
-    lines += _body(kernel, per_element, buffers, element, compute, masked=False)
+    lines += _body(kernel, storage, per_element, buffers, elements, compute, masked=False)
     lines.append("    else:")
-    lines += _body(kernel, per_element, buffers, element, compute, masked=True)
+    lines += _body(kernel, storage, per_element, buffers, elements, compute, masked=True)
     return _HEADER + "\n".join(lines) + "\n"
+
+
+def _mix32(target: str, value: str, indent: str) -> list[str]:
+    """``target = program.mix32(value)`` on uint32 values (products wrap)."""
+    (first, second) = (f"{m:#x}" for m in MIX32_MULTIPLIERS)
+    return [f"{indent}{target} = {value}", f"{indent}{target} = ({target} ^ ({target} >> 16)) * {first}",
+            f"{indent}{target} = ({target} ^ ({target} >> 15)) * {second}",
+            f"{indent}{target} = {target} ^ ({target} >> 16)"]
+
+
+def _stochastic_store(value: str, bits: str, indent: str) -> list[str]:
+    """``rounded``: float32 ``value`` as bfloat16, rounded stochastically with the low
+    16 bits of ``bits`` for each element (program.round_stochastically)."""
+    return [f"{indent}u = {value}.to(tl.uint32, bitcast=True)",
+            f"{indent}magnitude = u & 0x7FFFFFFF",
+            f"{indent}rounded = tl.where(magnitude > 0x7F800000, (u >> 16) | 0x40, tl.where(magnitude == 0x7F800000, "
+            f"u >> 16, (u + ({bits} & 0xFFFF)) >> 16))",
+            f"{indent}rounded = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)"]
+
+
+def _quantized_store(value: str, k: int, kind: str, masked: bool, indent: str) -> list[str]:
+    """Stores ``value`` into 8-bit buffer ``k``: each QUANT_BLOCK's largest magnitude (NaN
+    and masked lanes ignored) as its scale, then the codes (program.quantize)."""
+    groups = BLOCK // QUANT_BLOCK
+    magnitude = "tl.where(mask & (magnitude == magnitude), magnitude, 0.0)" if masked else \
+        "tl.where(magnitude == magnitude, magnitude, 0.0)"
+    mask = ", mask=mask" if masked else ""
+    return [f"{indent}v = {value}",
+            f"{indent}magnitude = tl.abs(v)",
+            f"{indent}magnitude = {magnitude}",
+            f"{indent}absmax = tl.max(tl.reshape(magnitude, ({groups}, {QUANT_BLOCK})), axis=1)",
+            f"{indent}first = start // {QUANT_BLOCK} + tl.arange(0, {groups})",
+            f"{indent}tl.store(scale{k} + first, absmax" + (f", mask=first * {QUANT_BLOCK} < n)" if masked else ")"),
+            f"{indent}divisor = tl.where(absmax > 0, absmax, 1.0)",
+            f"{indent}divisor = tl.reshape(tl.broadcast_to(divisor[:, None], ({groups}, {QUANT_BLOCK})), (BLOCK,))",
+            f"{indent}tl.store(buffer{k} + offsets, quant_{kind}(v, divisor){mask})"]
 
 
 def _per_element(kernel: Kernel) -> list[bool]:
@@ -95,19 +188,24 @@ def _per_element(kernel: Kernel) -> list[bool]:
     return flags
 
 
-def _body(kernel: Kernel, per_element: list[bool], buffers: tuple[str, ...], element: str, compute: str,
-          masked: bool) -> list[str]:
+def _body(kernel: Kernel, storage: Storage, per_element: list[bool], buffers: tuple[str, ...], elements: list[str],
+          compute: str, masked: bool) -> list[str]:
     """One branch: pointers, per-element values, the reduction, then every store."""
     indent = "        "
     mask = ", mask=mask" if masked else ""
-    pointer = [f"address{k}.to(tl.pointer_type({element}))" for k in range(len(buffers))]
+    pointer = [f"address{k}.to(tl.pointer_type({element}))" for k, element in enumerate(elements)]
     if not masked:  # the branch's condition guarantees the alignment; the hint lets loads vectorize
         pointer = [f"tl.multiple_of({p}, {ALIGNMENT})" for p in pointer]
     lines = [f"{indent}mask = offsets < n"] if masked else []
     lines += [f"{indent}buffer{k} = {p}" for k, p in enumerate(pointer)]
     index = {name: k for k, name in enumerate(buffers)}
+    quantized = dict(storage.quantized)
     for n, node in enumerate(kernel.nodes):
-        if node[0] == "tensor":
+        if node[0] == "tensor" and node[1] in quantized:
+            k = index[node[1]]
+            lines.append(f"{indent}x{n} = dequant_{quantized[node[1]]}(tl.load(buffer{k} + offsets{mask}), "
+                         f"tl.load(scale{k} + offsets // {QUANT_BLOCK}{mask})).to({compute})")
+        elif node[0] == "tensor":
             lines.append(f"{indent}x{n} = tl.load(buffer{index[node[1]]} + offsets{mask}).to({compute})")
         elif per_element[n]:
             lines.append(f"{indent}x{n} = {_expression(kernel, node, compute)}")
@@ -118,8 +216,21 @@ def _body(kernel: Kernel, per_element: list[bool], buffers: tuple[str, ...], ele
         if masked:
             lines.append(f"{indent}r = tl.where(mask, r, 0.0)")
         lines.append(f"{indent}tl.store(partial + block, tl.sum(r * r, axis=0))")
-    lines += [f"{indent}tl.store(buffer{index[name]} + offsets, x{n}.to({element}){mask})"
-              for name, n in kernel.writes]
+    slots = stochastic_slots(kernel, storage)
+    for q in sorted({q for q, _ in slots.values()}):
+        lines += _mix32(f"hash{q}", f"offsets.to(tl.uint32) ^ stream{q}", indent)
+    for name, n in kernel.writes:
+        if name in quantized:
+            lines += _quantized_store(f"x{n}.to(tl.float32)", index[name], quantized[name], masked, indent)
+            continue
+        value = f"x{n}.to({elements[index[name]]})"
+        if elements[index[name]] == "tl.bfloat16":
+            value = f"bf16_nearest(x{n}.to(tl.float32))"
+        if name in slots:
+            q, half = slots[name]
+            lines += _stochastic_store(f"x{n}", f"(hash{q} >> {16 * half})", indent)
+            value = "rounded"
+        lines.append(f"{indent}tl.store(buffer{index[name]} + offsets, {value}{mask})")
     return lines
 
 
@@ -140,6 +251,8 @@ def _expression(kernel: Kernel, node: tuple, compute: str) -> str:
         return f"tl.{op}imum({args[0]}, {args[1]}, propagate_nan=tl.PropagateNan.ALL)"
     if op == "neg":
         return f"-{args[0]}"
+    if op == "bf16":  # through float32, as the eager path
+        return f"bf16_nearest({args[0]}.to(tl.float32)).to({compute})"
     if op == "abs":
         return f"tl.abs({args[0]})"
     if op == "pow":  # libdevice: compiled kernels only, Triton's interpreter lacks it
@@ -150,13 +263,9 @@ def _expression(kernel: Kernel, node: tuple, compute: str) -> str:
 def _import_kernel(source: str) -> Callable:
     """``imex_kernel`` from ``source``, through a file: Triton needs the source on disk."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-    path = cache_dir() / "triton" / f"imex_{digest}.py"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
-            file.write(source)
-        os.replace(file.name, path)  # atomic: a concurrent process sees the whole file or none
-    spec = importlib.util.spec_from_file_location(f"lightning_imex_triton_{digest}", path)
+    verified = cache.cached("triton", f"imex_{digest}.py", source.encode)
+    spec = importlib.util.spec_from_file_location(f"lightning_imex_triton_{digest}",
+                                                  cache.private_copy(verified, ".py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.imex_kernel
@@ -166,6 +275,7 @@ class TritonBackend:
     """Generates, compiles and launches Triton kernels (see the module docstring)."""
 
     name = "triton"
+    block = BLOCK
 
     def __init__(self) -> None:
         self._kernels: dict[tuple[Kernel, torch.dtype], Callable] = {}
@@ -206,13 +316,17 @@ class TritonBackend:
             self._triton = triton
         return self._triton  # type: ignore[return-value]
 
-    def launch(self, kernel: Kernel, dtype: torch.dtype, tables: PointerTables,
+    def launch(self, kernel: Kernel, storage: Storage | torch.dtype, tables: PointerTables,
                buffers: Mapping[str, Sequence[Tensor]], coefficients: Sequence[float],
                runtimes: Mapping[str, Tensor]) -> Tensor | None:
         rows = [tables.row(name, buffers[name]) for name in kernel_buffers(kernel)]
+        if isinstance(storage, Storage):
+            rows += [tables.row(quant_scales(name), buffers[quant_scales(name)]) for name, _ in storage.quantized]
         block_tensor, block_start = tables.blocks(BLOCK)
         arguments = [*rows, tables.numels, block_tensor, block_start]
-        if kernel.coefficients:
+        stochastic = isinstance(storage, Storage) and bool(storage.stochastic)
+        arguments += [tables.keys] if stochastic else []
+        if kernel.coefficients or stochastic:
             arguments.append(to_device(torch.tensor(list(coefficients), dtype=torch.float64), tables.device))
         arguments += [runtimes[name].to(tables.device, non_blocking=True) for name in kernel.runtimes]
         partial = None
@@ -221,14 +335,14 @@ class TritonBackend:
             arguments.append(partial)
         # Triton launches on the current device, not the tensors'
         with torch.cuda.device(tables.device) if tables.device.type == "cuda" else contextlib.nullcontext():
-            self._kernel(kernel, dtype)[(len(block_tensor),)](*arguments, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                                                              enable_fp_fusion=False)  # rounding as on the eager path
+            self._kernel(kernel, storage)[(len(block_tensor),)](*arguments, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                                                                enable_fp_fusion=False)  # rounding as on the eager path
         return partial
 
-    def _kernel(self, kernel: Kernel, dtype: torch.dtype) -> Callable:
-        key = (kernel, dtype)
+    def _kernel(self, kernel: Kernel, storage: Storage | torch.dtype) -> Callable:
+        key = (kernel, storage)
         if key not in self._kernels:
-            self._kernels[key] = _import_kernel(triton_source(kernel, dtype))
+            self._kernels[key] = _import_kernel(triton_source(kernel, storage))
         return self._kernels[key]
 
 

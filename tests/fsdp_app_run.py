@@ -1,0 +1,254 @@
+"""The app under ``strategy=fsdp_cpu`` (2 gloo processes, FSDP2) against ``strategy=auto``
+on the same global batch, for several optimizers with norm clipping active; a SIGKILLed
+sharded fit resumed from its checkpoint folder; a consolidated checkpoint tested in the
+plain model; the app's ModelEMA on in one configuration (the one killed and resumed),
+which exports its EMA. ``python tests/fsdp_app_run.py OUT_DIR`` writes
+``OUT_DIR/results.json``; run by test_fsdp_app.py.
+
+Everything is imported once here and every fit runs in a forked process: the reference
+fits in one, each sharded phase in two ranks started as torchrun would (``LOCAL_RANK``
+and friends in the environment, so Lightning launches nothing), the consolidated
+checkpoint's test in one more. results.json holds, per configuration, both fits' final
+metrics (``train(cfg)``'s); ``consolidated`` per configuration ``param``: max |FSDP -
+auto| over the final weights (the sharded checkpoint consolidated against the plain
+one), ``moved``: how far the first auto fit's weights moved, ``tested``: the plain
+model's test metrics from the first consolidated checkpoint; ``ema_export``: max |FSDP -
+auto| over the exported EMA weights, which loaded into the plain model; ``ema_ranks`` per
+sharded phase and rank: ``collectives``, those called inside ``EMA.update`` (``calls``),
+the updates and whether they averaged shards, and (fits) ``root_swap``, the swap of a
+root unit that holds weights (:func:`swap_a_gathered_root`); the exit codes of every
+phase (the killed ranks': -9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from hydra import compose, initialize_config_module  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from lightning_imex import train as app  # noqa: E402
+from lightning_imex.ema import EMA  # noqa: E402
+from lightning_imex.sharding import consolidate  # noqa: E402
+
+WORLD = 2
+GLOBAL_BATCH = 72  # spirals with 1000 samples: 720 to train (10 batches an epoch), 100 to validate, 180 to test
+STEPS, EVERY, KILL = 8, 4, 6  # validation and checkpoints at steps 4 and 8; the kill at 6 resumes from 4
+COMMON = ("dataset=spirals", "+dataset.n_samples=1000", "model.hidden=[33,17]", "logger=csv",
+          "~callbacks.rich_progress_bar", "callbacks.checkpoint.monitor=null",
+          "callbacks.checkpoint.save_top_k=0", f"+callbacks.checkpoint.every_n_train_steps={EVERY}",
+          f"trainer.max_steps={STEPS}", "trainer.max_epochs=-1", f"trainer.val_check_interval={EVERY}",
+          "trainer.num_sanity_val_steps=0", "scheduler=constant",
+          "clipping.algorithm=norm", "clipping.threshold=0.05", "trainer.log_every_n_steps=1")
+CONFIGS = {
+    "imex_euler": ("optimizer=imex_euler", "optimizer.lr=0.01"),
+    "imex_trapezoidal": ("optimizer=imex_trapezoidal", "optimizer.lr=0.01"),
+    "imex_ssp3_433": ("optimizer=imex_ssp3_433", "optimizer.lr=0.01"),
+    "adamomentum": ("optimizer=adamomentum", "optimizer.lr=0.01"),
+    "clipped_adam_global": ("optimizer=clipped_adam", "optimizer.lr=0.01", "optimizer.clip=global",
+                            "optimizer.max_update=0.02"),
+    # a torch optimizer: the clipping hook's own sharded norm, and value clipping
+    "adam_norm": ("optimizer=adam", "optimizer.lr=0.01"),
+    "adam_value": ("optimizer=adam", "optimizer.lr=0.01", "clipping.algorithm=value", "clipping.threshold=0.02"),
+}
+RESUMED = "imex_trapezoidal"  # the configuration killed and resumed
+WITH_EMA = RESUMED  # the configuration with the app's ModelEMA on (validation on the EMA), exported here:
+EMA_EXPORT = "ema.pt"
+
+
+def config(name: str, folder: Path, sharded: bool, *extra: str):
+    batch = GLOBAL_BATCH // WORLD if sharded else GLOBAL_BATCH
+    ema = f"+callbacks.ema.export_path='{folder / EMA_EXPORT}'" if name == WITH_EMA else "~callbacks.ema"
+    overrides = [*COMMON, ema, *CONFIGS[name], f"dataset.batch_size={batch}",
+                 f"strategy={'fsdp_cpu' if sharded else 'auto'}", f"paths.output_dir='{folder}'", *extra]
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lightning_imex.conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def last(folder: Path) -> Path:
+    return folder / "checkpoints" / "last.ckpt"
+
+
+def run_reference(out: Path) -> None:
+    results = {}
+    for name in CONFIGS:
+        folder = out / "auto" / name
+        metrics = app.train(config(name, folder, sharded=False), print_summary=False)
+        results[name] = {"metrics": metrics}
+    (out / "auto.json").write_text(json.dumps(results))
+
+
+def count_collectives_in_ema_updates() -> dict:
+    """Counts, from now on in this process, the collectives called inside ``EMA.update``
+    (all-gathers and the other c10d collectives, DTensor's gathers and redistributions),
+    and the updates, and whether they averaged shards."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    counts = {"calls": 0, "updates": 0, "sharded": True}
+    inside = [False]
+
+    def counted(function):
+        def wrapper(*args, **kwargs):
+            counts["calls"] += inside[0]
+            return function(*args, **kwargs)
+        return wrapper
+
+    for name in ("all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor",
+                 "barrier"):
+        setattr(dist, name, counted(getattr(dist, name)))
+    DTensor.full_tensor, DTensor.redistribute = counted(DTensor.full_tensor), counted(DTensor.redistribute)
+    update = EMA.update
+
+    def counted_update(self):
+        counts["updates"] += 1
+        counts["sharded"] &= self.sharded
+        inside[0] = True
+        try:
+            update(self)
+        finally:
+            inside[0] = False
+
+    EMA.update = counted_update
+    return counts
+
+
+def swap_a_gathered_root() -> dict:
+    """EMA swaps on an FSDP2 module whose root unit holds weights (the app's networks leave
+    the root none), which a forward without backward leaves gathered: the outputs on the
+    EMA against the plain network with the EMA's gathered weights, and on the raw weights
+    after the swap back against before; max |difference| of each."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    plain = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(net[0], mesh=mesh)
+    fully_shard(net, mesh=mesh)  # the root: net[2]'s weights
+    ema, x = EMA(net, decay=0.5, schedule="fixed"), torch.randn(5, 4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.to_local().mul_(2)  # the "training" step: the EMA is now 1.5 x the initial weights
+        ema.update()
+        raw = net(x)  # leaves the root gathered
+        with ema.swapped():
+            on_ema = net(x)
+        after = net(x)
+        plain.load_state_dict({k: v.full_tensor() for k, v in ema.averaged_state_dict().items()})
+        return {"ema": (on_ema - plain(x)).abs().max().item(), "raw": (after - raw).abs().max().item()}
+
+
+def run_rank(rank: int, port: int, out: Path, phase: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    collectives = count_collectives_in_ema_updates()
+    results = {}
+    if phase == "fits":
+        for name in CONFIGS:
+            try:
+                results[name] = {"metrics": app.train(config(name, out / "fsdp" / name, sharded=True),
+                                                      print_summary=False)}
+            except Exception:  # noqa: BLE001  (recorded: one broken configuration does not hide the others)
+                results[name] = {"error": f"rank {rank}: {traceback.format_exc()[-4000:]}"}
+    elif phase == "kill":  # both ranks SIGKILL themselves at the end of step KILL
+        app.train(config(RESUMED, out / "chain", True, "+callbacks.kill._target_=crash_callbacks.KillAt",
+                         f"+callbacks.kill.step={KILL}"), print_summary=False)
+    else:
+        chain = out / "chain"
+        results[RESUMED] = {"metrics": app.train(config(RESUMED, chain, True, f"ckpt_path='{last(chain)}'"),
+                                                 print_summary=False)}
+    ema = {"collectives": collectives, **({"root_swap": swap_a_gathered_root()} if phase == "fits" else {})}
+    (out / f"{phase}_ema_{rank}.json").write_text(json.dumps(ema))
+    if rank == 0:
+        (out / f"{phase}.json").write_text(json.dumps(results))
+
+
+def run_consolidated(out: Path) -> None:
+    """The consolidated checkpoint of every sharded fit against the plain one's weights;
+    the first one's weights tested in the plain (unsharded) model."""
+    import lightning as L
+
+    results = {}
+    for name in CONFIGS:
+        sharded = consolidate(last(out / "fsdp" / name), out / "fsdp" / f"{name}.pt")
+        plain = torch.load(last(out / "auto" / name), map_location="cpu", weights_only=True)
+        results[name] = {"param": max((sharded[k] - plain["state_dict"][k]).abs().max().item() for k in sharded),
+                         "keys": sorted(sharded) == sorted(plain["state_dict"])}
+    name = next(iter(CONFIGS))
+    cfg = config(name, out / "consolidated", False, "~callbacks.checkpoint", "~callbacks.cost")
+    L.seed_everything(cfg.seed, verbose=False)  # as train() seeds: the fits' initial weights
+    datamodule, module, trainer = app.build(cfg)
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    plain = torch.load(last(out / "auto" / name), map_location="cpu", weights_only=True)["state_dict"]
+    results["moved"] = max((plain[k] - initial[k]).abs().max().item() for k in initial)
+    module.load_state_dict(torch.load(out / "fsdp" / f"{name}.pt", weights_only=True))
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results["tested"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    sharded_ema = torch.load(out / "fsdp" / WITH_EMA / EMA_EXPORT, weights_only=True)
+    plain_ema = torch.load(out / "auto" / WITH_EMA / EMA_EXPORT, weights_only=True)
+    module.load_state_dict(sharded_ema)  # strict: the plain model's keys and shapes
+    results["ema_export"] = max((sharded_ema[k] - plain_ema[k]).abs().max().item() for k in plain_ema)
+    (out / "consolidated.json").write_text(json.dumps(results))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_process(target, *args) -> int:
+    """``target(*args)`` in a forked process; its exit code (-9: SIGKILLed)."""
+    process = mp.get_context("fork").Process(target=target, args=args)
+    process.start()
+    process.join()
+    return process.exitcode
+
+
+def in_ranks(out: Path, phase: str) -> list[int]:
+    port = free_port()
+    context = mp.get_context("fork")
+    processes = [context.Process(target=run_rank, args=(rank, port, out, phase)) for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    return [process.exitcode for process in processes]
+
+
+def main(out: Path) -> None:
+    import torch.distributed.fsdp  # noqa: F401  (imported once, before the forks)
+    import torch.distributed.tensor  # noqa: F401
+
+    app.quiet()
+    torch.set_num_threads(1)
+    results: dict = {}
+    results["auto_exit"] = in_process(run_reference, out)
+    results["fits_exit"] = in_ranks(out, "fits")
+    results["kill_exit"] = in_ranks(out, "kill")
+    results["resume_exit"] = in_ranks(out, "resume")
+    results["consolidated_exit"] = in_process(run_consolidated, out)
+    for phase in ("auto", "fits", "resume", "consolidated"):
+        path = out / f"{phase}.json"
+        results[phase] = json.loads(path.read_text()) if path.exists() else None
+    results["ema_ranks"] = {phase: [json.loads(path.read_text()) if path.exists() else None
+                                    for path in (out / f"{phase}_ema_{rank}.json" for rank in range(WORLD))]
+                            for phase in ("fits", "resume")}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

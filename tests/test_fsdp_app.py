@@ -1,0 +1,288 @@
+"""Sharded training from the app (``strategy=fsdp_cpu``: FSDP2 on 2 gloo processes).
+
+The slow tests share one run of ``fsdp_app_run.py`` (about 25 s on 2 cores): five
+optimizers (IMEX euler, trapezoidal, ssp3_433, AdaMomentum, ClippedAdam global) with
+norm clipping active, each fitted sharded and in one process on the same global batch;
+a sharded fit SIGKILLed and resumed from its checkpoint folder, with the app's ModelEMA
+on (each rank averaging its shards); the consolidated checkpoint tested in the plain
+model. The fast ones check the one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_crash_resume import assert_same, compared
+from test_fsdp2 import fsdp2_unavailable
+
+from fsdp_app_run import CONFIGS, RESUMED, STEPS, WITH_EMA
+
+SCRIPT = Path(__file__).with_name("fsdp_app_run.py")
+TOLERANCE = 1e-6
+# what differs by design: the training loss of a step is each process's own (no collective per step), and time
+UNCOMPARED = ("train/loss_step", "cost/train_seconds")
+pytestmark = pytest.mark.skipif(fsdp2_unavailable() is not None, reason=str(fsdp2_unavailable()))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("fsdp_app")
+    done = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=600,
+                          check=False, cwd=SCRIPT.parent)
+    assert done.returncode == 0 and (out / "results.json").exists(), \
+        f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+    results = json.loads((out / "results.json").read_text())
+    assert results["auto_exit"] == 0 and results["fits_exit"] == [0, 0], results
+    return out, results
+
+
+def logged(folder: Path) -> list[dict[str, float]]:
+    with open(folder / "csv" / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v != "" and k not in UNCOMPARED} for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sharded_fit_equals_one_process_on_the_global_batch(run, name):
+    out, results = run
+    fit = results["fits"][name]
+    assert "error" not in fit, fit.get("error")
+    consolidated = results["consolidated"][name]
+    assert consolidated["keys"], "the consolidated state_dict's keys are not the plain model's"
+    assert consolidated["param"] <= TOLERANCE, f"{name}: final weights differ by {consolidated['param']:.3g}"
+    assert results["consolidated"]["moved"] > 1e-2, "the weights barely moved: the comparison would be vacuous"
+    sharded, plain = logged(out / "fsdp" / name), logged(out / "auto" / name)
+    assert [sorted(row) for row in sharded] == [sorted(row) for row in plain]
+    assert any(row.get("grad_clipped") == 1.0 for row in plain), "the norm clipping never clipped"
+    assert any("val/loss" in row for row in plain) and any("test/acc" in row for row in plain)
+    for row, reference in zip(sharded, plain):
+        for key, value in reference.items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=TOLERANCE), f"{name}: {key} at step {row['step']}"
+
+
+def full_checkpoint(folder: Path, scratch: Path) -> dict:
+    """A sharded checkpoint folder as one dict: the shards (weights, optimizer state)
+    gathered by torch's own converter, and Lightning's meta.pt."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    dcp_to_torch_save(folder, scratch)
+    shards = torch.load(scratch, weights_only=True)
+    return {**torch.load(folder / "meta.pt", weights_only=True), **shards}
+
+
+@pytest.mark.slow
+def test_killed_sharded_fit_resumes_bit_identical(run, tmp_path):
+    out, results = run
+    assert results["kill_exit"] == [-9, -9] and results["resume_exit"] == [0, 0], results
+    straight = full_checkpoint(out / "fsdp" / RESUMED / "checkpoints" / "last.ckpt", tmp_path / "straight.pt")
+    resumed = full_checkpoint(out / "chain" / "checkpoints" / "last.ckpt", tmp_path / "resumed.pt")
+    assert straight["global_step"] == STEPS
+    assert RESUMED == WITH_EMA and straight["callbacks"]["ModelEMA"]["ema"]["updates"] == STEPS  # the EMA resumed too
+    assert_same(compared(straight), compared(resumed))
+
+
+@pytest.mark.slow
+def test_sharded_model_ema_equals_the_one_process_ema_without_gathering(run, tmp_path):
+    """Each rank averages its own shards: the sharded checkpoint's EMA (``state_dict``) and
+    raw weights (``current_model_state``, saved with the shards) are the one-process fit's;
+    its export is gathered into a plain state_dict that loads into the plain model; no
+    collective runs inside an EMA update. (Validation on the EMA logging the one-process
+    metrics: test_sharded_fit_equals_one_process_on_the_global_batch[WITH_EMA].)"""
+    out, results = run
+    sharded = full_checkpoint(out / "fsdp" / WITH_EMA / "checkpoints" / "last.ckpt", tmp_path / "sharded.pt")
+    plain = torch.load(out / "auto" / WITH_EMA / "checkpoints" / "last.ckpt", weights_only=True)
+    for key in ("state_dict", "current_model_state"):
+        assert sharded[key].keys() == plain[key].keys()
+        difference = max((sharded[key][k] - plain[key][k]).abs().max().item() for k in plain[key])
+        assert difference <= TOLERANCE, f"{key}: the sharded fit's differs from the one-process fit's by {difference}"
+    ema, raw = plain["state_dict"], plain["current_model_state"]
+    apart = max((ema[k] - raw[k]).abs().max().item() for k in ema)
+    assert apart > 1e-3, "the EMA is the raw weights: the comparison would be vacuous"
+    assert results["consolidated_exit"] == 0 and results["consolidated"]["ema_export"] <= TOLERANCE, results
+    for phase in ("fits", "resume"):
+        for rank, ema in enumerate(results["ema_ranks"][phase]):
+            counts = ema["collectives"]
+            assert counts["updates"] > 0 and counts["sharded"], f"{phase}, rank {rank}: {counts}"
+            assert counts["calls"] == 0, f"{phase}, rank {rank}: {counts['calls']} collectives inside EMA updates"
+    for rank, ema in enumerate(results["ema_ranks"]["fits"]):  # a root unit with weights, gathered by a forward
+        assert ema["root_swap"] == {"ema": 0.0, "raw": 0.0}, f"rank {rank}: {ema['root_swap']}"
+
+
+@pytest.mark.slow
+def test_consolidated_checkpoint_tests_in_the_plain_model_as_the_sharded_fit(run):
+    out, results = run
+    assert results["consolidated_exit"] == 0, results
+    name = next(iter(CONFIGS))
+    tested, sharded = results["consolidated"]["tested"], logged(out / "fsdp" / name)[-1]
+    assert tested.keys() == {"test/loss", "test/acc"}
+    for key, value in tested.items():
+        assert value == pytest.approx(sharded[key], abs=TOLERANCE), key
+
+
+@pytest.mark.slow
+def test_fsdp_fit_keeps_the_initial_weights_digest(run):
+    """The comparison's fairness check: a sharded fit's TrainingCost digests the whole
+    initial weights (gathered), the same digest as the one-process fit's."""
+    out, _ = run
+    name = next(iter(CONFIGS))
+    sharded = torch.load(out / "fsdp" / name / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)
+    plain = torch.load(out / "auto" / name / "checkpoints" / "last.ckpt", weights_only=True)
+    assert sharded["callbacks"]["TrainingCost"]["initial_weights"] == plain["callbacks"]["TrainingCost"][
+        "initial_weights"]
+
+
+# ------------------------------------------------------------------ fast: one-line errors, no process started
+
+
+def test_shard_blocks_refuses_tied_weights():
+    from torch import nn
+
+    from lightning_imex.models import build_model
+    from lightning_imex.sharding import shard_blocks
+
+    net = build_model({"name": "lstm", "embedding": 8, "hidden": 8, "tie_weights": True}, (5,), 11)
+    with pytest.raises(ValueError, match=r"parameter '(decoder|embedding)\.weight' is shared with block"):
+        shard_blocks(net, None, block_types=(nn.Embedding, nn.Linear))
+
+
+def test_mixed_precision_policy_follows_the_trainer_precision():
+    from lightning_imex.sharding import mixed_precision_policy
+
+    policy = mixed_precision_policy("bf16-mixed")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert mixed_precision_policy("32-true") is None
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (("strategy=fsdp_cpu", "clipping.algorithm=agc", "clipping.threshold=0.01"),
+     "clipping.algorithm='agc' is not available under a sharding strategy"),
+    (("strategy=fsdp_cpu", "clipping.algorithm=norm", "clipping.threshold=1", "clipping.norm_type=inf"),
+     "clipping.norm_type=inf is not available under a sharding strategy"),
+])
+def test_sharded_fit_refuses_what_it_cannot_do_in_one_line(tmp_path, overrides, fragment):
+    from test_bad_inputs import compose
+
+    from lightning_imex.train import ConfigError, build
+
+    with pytest.raises(ConfigError, match=fragment) as error:
+        build(compose(tmp_path, *overrides))
+    assert "\n" not in str(error.value)
+
+
+def test_checkpoint_folders_are_for_sharded_fits(tmp_path):
+    from test_bad_inputs import compose
+
+    from lightning_imex.checkpoint import CheckpointError, load_checkpoint
+    from lightning_imex.train import ConfigError, build
+
+    with pytest.raises(CheckpointError, match="a folder that is not a sharded checkpoint"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="a folder, not a checkpoint file .only a sharded fit"):
+        build(compose(tmp_path, "strategy=auto", f"ckpt_path={tmp_path}"))
+
+
+def test_sharded_fit_keeps_the_model_ema_and_refuses_checkpoints_without_its_shards(tmp_path):
+    from test_bad_inputs import compose
+
+    from lightning_imex.callbacks import ModelEMA
+    from lightning_imex.train import ConfigError, build
+
+    _, _, trainer = build(compose(tmp_path, "strategy=fsdp_cpu"))
+    assert any(isinstance(c, ModelEMA) for c in trainer.callbacks)
+    with pytest.raises(ConfigError, match=r"callbacks\.ema: ModelEMA under FSDP2Strategy needs .*"
+                                          "save_distributed_checkpoint=True") as error:
+        build(compose(tmp_path, "strategy=fsdp_cpu", "+trainer.strategy.save_distributed_checkpoint=false"))
+    assert "\n" not in str(error.value)
+
+
+def test_consolidate_command_refuses_a_folder_that_is_no_checkpoint(tmp_path, capsys):
+    from lightning_imex.sharding import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["consolidate", str(tmp_path), str(tmp_path / "out.pt")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "not a sharded checkpoint folder" in err and err.count("\n") == 1
+
+
+def test_compare_plans_sharded_runs_as_commands(tmp_path):
+    """``lightning-imex-compare RECIPE strategy=fsdp_cpu``: the runs plan with the app's
+    checks, each to run as the app's command (Lightning starts its processes)."""
+    from test_compare import TWO, tiny_recipe
+
+    from lightning_imex.compare.recipe import load_recipe
+    from lightning_imex.compare.runner import _own_processes, plan_runs
+
+    runs = plan_runs(load_recipe(str(tiny_recipe(tmp_path, TWO, seeds=1))), tmp_path / "out", ["strategy=fsdp_cpu"])
+    assert len(runs) == 2 and all(_own_processes(run.config) for run in runs)
+    assert all("strategy=fsdp_cpu" in run.overrides for run in runs)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process writes it: intended
+def test_a_sharded_checkpoint_folder_is_checked_and_consolidated(tmp_path):
+    """A folder as a sharded fit saves it (torch.distributed.checkpoint's shards and
+    index, Lightning's meta.pt), written here by one process: read for its keys and
+    shapes, consolidated into one file, refused when its pickled index is writable by
+    others."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_imex.checkpoint import CheckpointError, load_checkpoint
+    from lightning_imex.sharding import consolidate
+
+    folder = tmp_path / "last.ckpt"
+    weights = {"net.0.weight": torch.randn(3, 2), "net.0.bias": torch.randn(3)}
+    dcp.save({"state_dict": weights, "optimizer_0": {"state": {"net.0.bias": {"exp_avg": torch.ones(3)}}}},
+             checkpoint_id=folder)
+    torch.save({"global_step": 4, "loops": {}, "pytorch-lightning_version": "2.6.0"}, folder / "meta.pt")
+    os.chmod(folder / ".metadata", 0o644)
+    checkpoint = load_checkpoint(folder)
+    assert {k: v.shape for k, v in checkpoint["state_dict"].items()} == {k: v.shape for k, v in weights.items()}
+    assert checkpoint["optimizer_states"] == [None] and checkpoint["global_step"] == 4
+    merged = consolidate(folder, tmp_path / "plain.pt")
+    loaded = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert all(torch.equal(merged[k], weights[k]) and torch.equal(loaded[k], weights[k]) for k in weights)
+    os.chmod(folder / ".metadata", 0o666)
+    with pytest.raises(CheckpointError, match=r"its shard index \.metadata is writable by group or others"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process writes it: intended
+def test_a_save_that_dies_leaves_the_previous_sharded_checkpoint(tmp_path, monkeypatch):
+    """FSDP2Strategy writes the folder beside it and swaps it in: a save interrupted
+    while writing the shards leaves the previous checkpoint whole (in one process here:
+    the strategy's barriers and broadcast pass through without a process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_imex.checkpoint import load_checkpoint
+    from lightning_imex.sharding import FSDP2Strategy
+
+    strategy, folder = FSDP2Strategy(), tmp_path / "last.ckpt"
+
+    def save(step: int) -> None:
+        strategy.save_checkpoint({"state_dict": {"w": torch.full((3,), float(step))}, "optimizer_states": [],
+                                  "global_step": step, "loops": {}, "pytorch-lightning_version": "2.6.0"}, folder)
+
+    save(1)
+    save(2)
+    assert load_checkpoint(folder)["global_step"] == 2
+
+    def dies(state_dict, checkpoint_id):  # a kill halfway through writing the shards
+        (Path(checkpoint_id) / ".metadata").write_bytes(b"half an index")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save(3)
+    assert load_checkpoint(folder)["global_step"] == 2
+    monkeypatch.undo()
+    save(4)
+    assert load_checkpoint(folder)["global_step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
