@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from bench_optim import DTYPES, describe, one_line, parameter_shapes, seconds
+from bench_optim import DTYPES, argument_parser, describe, one_line, parameter_shapes, seconds
 from lightning_imex.clipping import clip_gradients
 from lightning_imex.optim import AdaMax, ClippedAdam, IMEXAdam
 
@@ -91,15 +91,7 @@ def build(variant: str, make: Callable[..., torch.optim.Optimizer], params: list
 
 
 def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", choices=["flat", "gpt2", "many"], default="flat")
-    parser.add_argument("--numel", type=float, default=20e6, help="total parameters (--shapes flat)")
-    parser.add_argument("--tensors", type=int, default=200, help="number of tensors (--shapes flat)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first one")
+    parser = argument_parser(__doc__)
     parser.add_argument("--threshold", type=float, default=1.0, help="max_norm (below the gradients' norm)")
     parser.add_argument("--only", default=None, metavar="REGEX", help="optimizers whose 'label path' matches")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")

@@ -222,8 +222,9 @@ def write_json(path: str, description: str, args: argparse.Namespace, rows: list
                   file, indent=1)
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every optimizer benchmark shares: the tensors, device, dtype, threads and repeats."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", choices=["flat", "gpt2", "many"], default="flat",
                         help="flat: --tensors equal 1-D tensors of --numel in all; gpt2: GPT-2 small's "
                              "parameters; many: 1,000 tensors of 4,096 elements")
@@ -234,6 +235,11 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first one")
+    return parser
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argument_parser(__doc__)
     parser.add_argument("--skip-eager", action="store_true", help="leave out our optimizers' fused=False rows")
     parser.add_argument("--only", default=None, metavar="REGEX",
                         help="run only rows whose 'label path' matches (the baseline always runs)")

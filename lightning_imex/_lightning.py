@@ -16,8 +16,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 __all__ = ["attached_trainer", "current_hook", "loaded_checkpoint", "logs_this_step", "metric_state",
-           "restore_metric_state", "resume_fit_loop", "set_current_hook", "set_model_parallel_sizes",
-           "set_step_output", "step_output", "training_closure"]
+           "restore_metric_state", "resume_fit_loop", "saves_distributed_checkpoint", "set_current_hook",
+           "set_model_parallel_sizes", "set_step_output", "step_output", "training_closure"]
 
 
 def training_closure(closure: Callable[[], Any]) -> tuple[LightningModule, Callable[[], Any]] | None:
@@ -123,6 +123,12 @@ def resume_fit_loop(trainer: Trainer) -> None:
         fit_loop.epoch_progress.increment_completed()
         fit_loop.reset_restart_stage()
         fit_loop.epoch_loop.restarting = False  # the next epoch from its first batch, not the saved one's end
+
+
+def saves_distributed_checkpoint(strategy: Any) -> bool:
+    """Whether a ``ModelParallelStrategy`` saves folders of shards (its constructor's
+    ``save_distributed_checkpoint``)."""
+    return bool(getattr(strategy, "_save_distributed_checkpoint", False))
 
 
 def set_model_parallel_sizes(strategy: Any, data_parallel: int, tensor_parallel: int) -> None:

@@ -3,22 +3,25 @@ Trainer's arguments (read off ``lightning.Trainer``), clipping (off
 :class:`~lightning_imex.clipping.GradientClipping`), parameter groups and the top-level
 keys are typed, so an unknown key or a wrong type fails at composition with Hydra's
 message. Group options are checked by Hydra (it lists the available ones); values of
-the optimizer, dataset and model are checked by building them before training."""
+the optimizer, dataset and model are checked by building them before training.
+
+Reading the Trainer's and clipping's signatures imports Lightning (seconds), so
+``register(lightning=False)`` registers the schema with :data:`FROM_LIGHTNING` untyped:
+``lightning-imex-train --help`` and a bad group or key elsewhere answer with it
+(:mod:`lightning_imex.app.cli`) before a run registers the whole schema."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
 from dataclasses import field
 from typing import Any, Dict, List, Optional
 
-import lightning as L
 from hydra.core.config_store import ConfigStore
 
-from .clipping import GradientClipping
-
-__all__ = ["TrainConfig", "register"]
+__all__ = ["FROM_LIGHTNING", "TrainConfig", "register"]
 
 SIMPLE = (int, float, bool, str)
 
@@ -54,10 +57,6 @@ def _schema(name: str, target: Any, skip: tuple[str, ...] = ()) -> type:
     return dataclasses.make_dataclass(name, fields)
 
 
-TrainerConfig = _schema("TrainerConfig", L.Trainer, skip=("callbacks", "logger"))
-ClippingConfig = _schema("ClippingConfig", GradientClipping)
-
-
 @dataclasses.dataclass
 class ParamGroupsConfig:
     decay_norm_and_bias: bool = False
@@ -79,11 +78,11 @@ class TrainConfig:
     model: Any = None
     optimizer: Any = None
     scheduler: Any = None
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # type: ignore[valid-type]
+    trainer: Any = None  # typed by the whole schema (_with_lightning)
     callbacks: Dict[str, Any] = field(default_factory=dict)
     logger: Any = None
     paths: PathsConfig = field(default_factory=PathsConfig)
-    clipping: ClippingConfig = field(default_factory=ClippingConfig)  # type: ignore[valid-type]
+    clipping: Any = None  # typed by the whole schema
     param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
     task_name: str = "train"
     seed: int = 0
@@ -92,5 +91,31 @@ class TrainConfig:
     threads: Optional[int] = None
 
 
-def register() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+# the keys whose schema is read off Lightning's classes (untyped without it)
+FROM_LIGHTNING = ("trainer", "clipping")
+
+
+@functools.cache
+def _with_lightning() -> type:
+    """:class:`TrainConfig` with the Trainer's arguments and clipping's fields typed."""
+    import lightning as L
+
+    from .clipping import GradientClipping
+
+    trainer = _schema("TrainerConfig", L.Trainer, skip=("callbacks", "logger"))
+    clipping = _schema("ClippingConfig", GradientClipping)
+    return dataclasses.make_dataclass("TrainConfig", [("trainer", trainer, field(default_factory=trainer)),
+                                                      ("clipping", clipping, field(default_factory=clipping))],
+                                      bases=(TrainConfig,))
+
+
+_whole_registered = False
+
+
+def register(lightning: bool = True) -> None:
+    """Registers ``train_schema``: the whole schema, or with ``lightning=False`` the one
+    without :data:`FROM_LIGHTNING`'s types (no Lightning import) unless the whole one is
+    registered already (it checks more, and Lightning is loaded then)."""
+    global _whole_registered
+    _whole_registered = _whole_registered or lightning
+    ConfigStore.instance().store(name="train_schema", node=_with_lightning() if _whole_registered else TrainConfig)

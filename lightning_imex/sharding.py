@@ -41,12 +41,17 @@ from . import _lightning
 from .multigradient import requires_closure
 from .optim.cache import _owner_problem
 
-__all__ = ["CHECKPOINT_METADATA", "FSDP2Strategy", "consolidate", "is_sharded", "is_sharded_checkpoint",
-           "mixed_precision_policy", "shard_blocks", "shards_index_problem"]
+__all__ = ["CHECKPOINT_METADATA", "COPY_MARK", "FSDP2Strategy", "consolidate", "is_sharded",
+           "is_sharded_checkpoint", "load_weight_copies", "mixed_precision_policy", "shard_blocks",
+           "shards_index_problem"]
 
 # what Lightning writes beside the shards of a sharded checkpoint (loops, callbacks,
 # hyper-parameters), and torch.distributed.checkpoint's index of the shards
 CHECKPOINT_METADATA, SHARDS_INDEX = "meta.pt", ".metadata"
+# the first character of a state_dict key that is no module's: a copy of its weights kept
+# with the shards under a strategy that shards state_dict alone (Lightning's
+# ModelParallelStrategy: ModelEMA's raw weights), which loading and consolidate leave out
+COPY_MARK = "@"
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -142,29 +147,53 @@ class FSDP2Strategy(ModelParallelStrategy):
         return checkpoint
 
     def _load_weight_copies(self, path: str) -> dict[str, dict[str, torch.Tensor]]:
-        """The checkpoint's weight copies (its top-level shard entries other than
-        ``state_dict`` and ``optimizer_{i}``), each rank reading its shards into DTensors
-        sharded as the module's parameters."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        """The checkpoint's weight copies: its top-level shard entries other than
+        ``state_dict`` and ``optimizer_{i}``."""
+        entries = {key.partition(".")[0] for key in _dcp_keys(path)}
+        prefixes = [f"{entry}." for entry in sorted(entries)
+                    if entry != "state_dict" and not (entry.startswith("optimizer_") and entry[10:].isdigit())]
+        return {prefix[:-1]: copy for prefix, copy in load_weight_copies(path, self.model, prefixes).items()}
 
-        copies: dict[str, list[str]] = {}
-        for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
-            entry, _, name = key.partition(".")
-            if entry != "state_dict" and not (entry.startswith("optimizer_") and entry[10:].isdigit()):
-                copies.setdefault(entry, []).append(name)
-        if not copies:
-            return {}
-        module_state = get_model_state_dict(self.model)  # the layout of every shard: the template DCP fills
-        for entry, names in copies.items():
-            unknown = sorted(set(names) - module_state.keys())
-            if unknown:
-                raise ValueError(f"{path}: the checkpoint's sharded entry {entry!r} holds {unknown[0]!r}, which is "
-                                 "not one of the module's weights: it was saved from another model")
-        loaded = {entry: {name: module_state[name].detach().clone() for name in names}
-                  for entry, names in copies.items()}
-        dcp.load(loaded, checkpoint_id=path)
-        return loaded
+
+def _dcp_keys(path: str | os.PathLike) -> list[str]:
+    """The flattened names of the tensors in the sharded checkpoint folder ``path``
+    (``state_dict.net.0.weight``, ``optimizer_0.state...``)."""
+    import torch.distributed.checkpoint as dcp
+
+    return list(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def load_weight_copies(path: str | os.PathLike, module: nn.Module,
+                       prefixes: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per prefix of the flattened names of the checkpoint folder ``path`` (``"entry."``,
+    or ``"state_dict." + COPY_MARK + ...``: a copy kept inside ``state_dict``), the
+    tensors named that prefix plus a weight's name of ``module``, by that name, each rank
+    reading its shards into DTensors sharded as the module's; prefixes that name nothing
+    are left out. Every rank calls it (the reads are collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    found: dict[str, list[str]] = {}
+    for key in _dcp_keys(path):
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                found.setdefault(prefix, []).append(key[len(prefix):])
+    if not found:
+        return {}
+    module_state = get_model_state_dict(module)  # the layout of every shard: the template DCP fills
+    for prefix, names in found.items():
+        unknown = sorted(set(names) - module_state.keys())
+        if unknown:
+            raise ValueError(f"{path}: the checkpoint's sharded entry {prefix + unknown[0]!r} is not one of the "
+                             "module's weights: it was saved from another model")
+    split = {prefix: prefix.partition(".")[::2] for prefix in found}  # DCP's flattening: entry.rest of the name
+    nested: dict[str, dict[str, torch.Tensor]] = {}
+    for prefix, names in found.items():
+        entry, inner = split[prefix]
+        nested.setdefault(entry, {}).update((inner + name, module_state[name].detach().clone()) for name in names)
+    dcp.load(nested, checkpoint_id=path)
+    return {prefix: {name: nested[split[prefix][0]][split[prefix][1] + name] for name in names}
+            for prefix, names in found.items()}
 
 
 def _initialize_state(optimizer: torch.optim.Optimizer) -> None:
@@ -313,7 +342,8 @@ def consolidate(checkpoint_dir: str | os.PathLike, out: str | os.PathLike | None
     prefix = "state_dict."
     state_dict = {key[len(prefix):]: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
                   for key, meta in reader.read_metadata().state_dict_metadata.items()
-                  if key.startswith(prefix) and isinstance(meta, dcp.TensorStorageMetadata)}
+                  if key.startswith(prefix) and not key.startswith(prefix + COPY_MARK)
+                  and isinstance(meta, dcp.TensorStorageMetadata)}
     if not state_dict:
         raise ValueError(f"{path}: the checkpoint holds no module weights (no state_dict.* entries)")
     with warnings.catch_warnings():  # that it reads in one process, without a process group, is the intent

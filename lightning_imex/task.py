@@ -50,13 +50,20 @@ class SupervisedTask(IMEXModule):
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.save_hyperparameters()
         self.net = build_model(to_plain(model, "model"), input_shape, num_outputs, task)
-        # the model summary's sizes and FLOPs; a language model reads token ids
-        self.example_input_array = torch.zeros(1, *input_shape, dtype=torch.int64 if task == "language_model" else None)
+        self.input_shape = tuple(input_shape)
         self.task, self.metric_name = task, METRIC_NAMES[task]
         self.metrics = nn.ModuleDict({f"{stage}_{self.metric_name}": self._metric(num_outputs) for stage in STAGES})
         # the mean loss per sample (per token for a language model), as Lightning's own mean of logged tensors
         # (weighted by batch size)
         self.metrics.update({f"{stage}_loss": MeanMetric() for stage in STAGES})
+
+
+    @property
+    def example_input_array(self) -> torch.Tensor:
+        """The model summary's input (sizes and FLOPs): token ids for a language model, else
+        zeros in the weights' dtype (``bf16-true`` converts them)."""
+        dtype = torch.int64 if self.task == "language_model" else next(self.net.parameters()).dtype
+        return torch.zeros(1, *self.input_shape, dtype=dtype)
 
     def logged_metrics(self) -> set[str]:
         """The names a fit logs (what a callback's or the schedule's ``monitor`` can

@@ -12,35 +12,33 @@ summary; third-party tips and deprecation warnings its user cannot act on are fi
 Every error of the configuration is one line, ``lightning-imex-train: error: ...``, with
 a non-zero exit status (:mod:`lightning_imex.app.errors`); nothing is trained and no
 summary is printed. An error once training has started keeps its traceback
-(``HYDRA_FULL_ERROR=1`` shows one for every error)."""
+(``HYDRA_FULL_ERROR=1`` shows one for every error). The command line (:func:`main`) lives
+in :mod:`lightning_imex.app.cli`: ``--help`` and a command line that does not compose
+answer there without importing Lightning (the console script points there; this module
+imports Lightning and registers the whole config schema)."""
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
-import hydra
 import lightning as L
-from hydra.errors import HydraException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from .app import run_dir  # noqa: F401  (registers the run folder's resolvers)
 from .app.build import build, build_fit
-from .app.checks import check_arguments, check_launcher, check_seed
-from .app.errors import PROG, ConfigError, compose_error, fail, hint, one_line
+from .app.checks import check_seed
+from .app.cli import _hydra_main, main  # noqa: F401  (_hydra_main: the task on a composed config, for tests)
+from .app.errors import PROG, ConfigError, compose_error, hint, one_line
 from .app.quiet import INFO, FitStart, quiet
 from .config import register
 from .multigradient import IncompatibleSetupError
 
 __all__ = ["PROG", "ConfigError", "build", "compose_error", "main", "one_line", "quiet", "summary", "train"]
 
-register()
+register()  # the whole schema: a composition after importing this module types every key
 
 
 def train(cfg: DictConfig, *, extra_callbacks: Sequence[Callback] = (), print_summary: bool = True
@@ -95,66 +93,6 @@ def summary(trainer: L.Trainer, metrics: dict[str, float], log_dir: str | None) 
     if log_dir:
         lines.append(f"  logs           {log_dir}")
     return "\n".join(lines)
-
-
-FULL_ERROR = "HYDRA_FULL_ERROR"
-_UNSET = object()
-# the user's HYDRA_FULL_ERROR while main() runs Hydra with it set (None: unset), and the
-# errors that escaped the task (a run that failed): they keep their traceback
-_users_full_error: Any = _UNSET
-_RUN_ERRORS: list[BaseException] = []
-
-
-def _setenv(key: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
-
-
-@hydra.main(version_base="1.3", config_path="pkg://lightning_imex.conf", config_name="train")
-def _hydra_main(cfg: DictConfig) -> Any:
-    hydras = os.environ.get(FULL_ERROR)
-    if _users_full_error is not _UNSET:  # the run (and the processes it starts) sees the user's environment
-        _setenv(FULL_ERROR, _users_full_error)
-    try:
-        return train(cfg)
-    except ConfigError as error:
-        if os.environ.get(FULL_ERROR) == "1":
-            raise
-        fail(str(error))
-    except Exception as error:
-        _RUN_ERRORS.append(error)
-        raise
-    finally:
-        _setenv(FULL_ERROR, hydras)
-
-
-def main() -> None:
-    """The console script: Hydra's app, its errors (arguments, composition, the run
-    folder) and the app's own (:class:`ConfigError`) in one line; an error raised once
-    the run has started keeps its traceback, as does every error with
-    ``HYDRA_FULL_ERROR=1``."""
-    global _users_full_error
-    quiet()
-    args = sys.argv[1:]
-    check_launcher(args)
-    check_arguments(args)
-    _users_full_error = os.environ.get(FULL_ERROR)
-    os.environ[FULL_ERROR] = "1"  # Hydra raises its errors here instead of printing them
-    try:
-        _hydra_main()
-    except Exception as error:
-        if _users_full_error == "1" or any(error is e for e in _RUN_ERRORS):
-            raise
-        if isinstance(error, OSError) and not isinstance(error, HydraException):
-            # Hydra writes the run's folder before the task starts
-            fail(f"cannot write the run's folder ({one_line(error)}): hydra.run.dir (hydra.sweep.dir with -m) "
-                 "must be a folder that can be created")
-        fail(one_line(error))
-    finally:
-        _setenv(FULL_ERROR, _users_full_error)
-        _users_full_error = _UNSET
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ import sys
 import traceback
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -38,7 +40,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from lightning_imex import train as app  # noqa: E402
 from lightning_imex.ema import EMA  # noqa: E402
-from lightning_imex.sharding import consolidate  # noqa: E402
+from lightning_imex.sharding import consolidate, shard_blocks  # noqa: E402
 
 WORLD = 2
 GLOBAL_BATCH = 72  # spirals with 1000 samples: 720 to train (10 batches an epoch), 100 to validate, 180 to test
@@ -63,6 +65,7 @@ CONFIGS = {
 RESUMED = "imex_trapezoidal"  # the configuration killed and resumed
 WITH_EMA = RESUMED  # the configuration with the app's ModelEMA on (validation on the EMA), exported here:
 EMA_EXPORT = "ema.pt"
+MP_STEPS, MP_EVERY, MP_BATCH = 6, 3, 16  # ModelEMA under Lightning's plain ModelParallelStrategy
 
 
 def config(name: str, folder: Path, sharded: bool, *extra: str):
@@ -86,6 +89,73 @@ def run_reference(out: Path) -> None:
         metrics = app.train(config(name, folder, sharded=False), print_summary=False)
         results[name] = {"metrics": metrics}
     (out / "auto.json").write_text(json.dumps(results))
+    plain_model_parallel_ema(out / "mp_auto", sharded=False)
+
+
+class Shardable(L.LightningModule):
+    """A small regression network that shards itself in ``configure_model`` when the
+    strategy gives it a device mesh (Lightning's ``ModelParallelStrategy``), as issue 21's
+    user module does; the seed fixes its initial weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:
+            shard_blocks(self.net, self.device_mesh["data_parallel"], block_types=(nn.Linear,))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test/loss", nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def plain_model_parallel_ema(folder: Path, sharded: bool, resume_from: Path | None = None) -> None:
+    """ModelEMA on :class:`Shardable` for MP_STEPS steps of the global batch MP_BATCH, a
+    checkpoint folder every MP_EVERY steps: under Lightning's own ``ModelParallelStrategy``
+    (data parallel over the WORLD ranks, each its half of the batch) if ``sharded``, else
+    in this one process; resumed from ``resume_from`` if given. Writes the
+    final EMA and raw weights, gathered, to ``folder/weights.pt`` (rank 0); a sharded fit not
+    resumed also tests its last checkpoint on the raw weights (``swap_test=False``: those the
+    callback reads back from the shards), and writes the weights the module held there."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from lightning_imex.callbacks import ModelEMA
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(MP_EVERY * MP_BATCH, 4, generator=generator)  # an epoch between checkpoints: resumable
+    dataset = TensorDataset(x, torch.sin(x[:, :2] * 3))
+    data = DataLoader(dataset, batch_size=MP_BATCH // WORLD, sampler=DistributedSampler(
+        dataset, WORLD, int(os.environ["RANK"]), shuffle=False)) if sharded else DataLoader(dataset, MP_BATCH)
+    ema = ModelEMA(decay=0.7, schedule="fixed")
+    strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if sharded else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD if sharded else 1, strategy=strategy, max_steps=MP_STEPS,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ema, ModelCheckpoint(folder, "{step}", every_n_train_steps=MP_EVERY,
+                                                        save_top_k=-1)])
+    trainer.fit(Shardable(), data, ckpt_path=resume_from)
+    states = [("ema", ema.ema.averaged_state_dict()), ("raw", ema.ema.raw_state_dict())]
+    if sharded and resume_from is None:
+        tested = Shardable()
+        L.Trainer(accelerator="cpu", devices=WORLD, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[ModelEMA(swap_test=False)],
+                  strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)).test(
+            tested, data, ckpt_path=folder / f"step={MP_STEPS}.ckpt", verbose=False)
+        states.append(("tested", tested.state_dict()))
+    weights = {f"{kind}.{name}": (t.full_tensor() if sharded else t).detach().clone()
+               for kind, state in states for name, t in state.items()}
+    if trainer.is_global_zero:
+        torch.save({**weights, "updates": ema.updates}, folder / "weights.pt")
 
 
 def count_collectives_in_ema_updates() -> dict:
@@ -170,6 +240,9 @@ def run_rank(rank: int, port: int, out: Path, phase: str) -> None:
         chain = out / "chain"
         results[RESUMED] = {"metrics": app.train(config(RESUMED, chain, True, f"ckpt_path='{last(chain)}'"),
                                                  print_summary=False)}
+    if phase == "fits":  # Lightning's own ModelParallelStrategy: a fit, and one resumed from its first checkpoint
+        plain_model_parallel_ema(out / "mp", sharded=True)
+        plain_model_parallel_ema(out / "mp_resumed", True, out / "mp" / f"step={MP_EVERY}.ckpt")
     ema = {"collectives": collectives, **({"root_swap": swap_a_gathered_root()} if phase == "fits" else {})}
     (out / f"{phase}_ema_{rank}.json").write_text(json.dumps(ema))
     if rank == 0:
@@ -179,8 +252,6 @@ def run_rank(rank: int, port: int, out: Path, phase: str) -> None:
 def run_consolidated(out: Path) -> None:
     """The consolidated checkpoint of every sharded fit against the plain one's weights;
     the first one's weights tested in the plain (unsharded) model."""
-    import lightning as L
-
     results = {}
     for name in CONFIGS:
         sharded = consolidate(last(out / "fsdp" / name), out / "fsdp" / f"{name}.pt")
@@ -201,6 +272,10 @@ def run_consolidated(out: Path) -> None:
     plain_ema = torch.load(out / "auto" / WITH_EMA / EMA_EXPORT, weights_only=True)
     module.load_state_dict(sharded_ema)  # strict: the plain model's keys and shapes
     results["ema_export"] = max((sharded_ema[k] - plain_ema[k]).abs().max().item() for k in plain_ema)
+    mp = consolidate(out / "mp" / f"step={MP_STEPS}.ckpt")  # its raw copy inside state_dict left out
+    Shardable().load_state_dict(mp)  # strict
+    saved = torch.load(out / "mp" / "weights.pt", weights_only=True)
+    results["mp_consolidated"] = max((mp[k] - saved[f"ema.{k}"]).abs().max().item() for k in mp)
     (out / "consolidated.json").write_text(json.dumps(results))
 
 

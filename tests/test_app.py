@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import math
 import os
 import re
 import subprocess
@@ -221,3 +222,12 @@ def test_a_fit_builds_its_optimizer_once(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "_optimizes", lambda optimizer, pl_module: False)  # the fit builds its own
     fresh = app.train(config(tmp_path / "fresh", *overrides), print_summary=False)
     assert len(built) == 3 and checked == fresh
+
+
+@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
+def test_pure_bf16_training_with_rounded_parameter_writes(tmp_path, rounding):
+    """``trainer.precision=bf16-true``: the optimizer is built on the bfloat16 weights (its
+    param_rounding accepts them) and the model summary feeds them a bfloat16 example."""
+    metrics = app.train(config(tmp_path, "optimizer=imex_euler", f"optimizer.param_rounding={rounding}",
+                               "trainer.precision=bf16-true", "trainer.enable_model_summary=true", "callbacks=none"))
+    assert math.isfinite(metrics["train/loss"])

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,11 @@ def one_line_errors(monkeypatch):
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """A real ``last.ckpt`` (a 2-step fit of a small MLP) and broken or foreign files."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    app.train(config(folder / "run", *SMALL, "trainer.fast_dev_run=false", "trainer.max_steps=2",
-                     "trainer.limit_val_batches=1", "callbacks=checkpoint", "test=false"))
+    with warnings.catch_warnings():  # a 2-step fit: shorter than the warm-up, no validation before it ends
+        warnings.filterwarnings("ignore", message=r"scheduler.warmup_steps=.* is not shorter than this fit")
+        warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/loss'\)` could not find")
+        app.train(config(folder / "run", *SMALL, "trainer.fast_dev_run=false", "trainer.max_steps=2",
+                         "trainer.limit_val_batches=1", "callbacks=checkpoint", "test=false"))
     last = folder / "run" / "checkpoints" / "last.ckpt"
     data = last.read_bytes()
     files = {"last": last, "missing": folder / "nope.ckpt", "folder": folder / "run", "empty": folder / "empty.ckpt",
@@ -268,6 +272,8 @@ def test_checkpoint_error_is_one_line(tmp_path, capsys, checkpoints, name, overr
     assert line.startswith(f"{PREFIX}ckpt_path={checkpoints[name]}")
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from")  # resumed in another folder on purpose
+@pytest.mark.filterwarnings("ignore:scheduler.warmup_steps=.* is not shorter than this fit")  # a few steps
 def test_the_checkpoint_resumes_when_it_fits(tmp_path, checkpoints):
     metrics = app.train(config(tmp_path, *SMALL, "callbacks=checkpoint", f"ckpt_path={checkpoints['last']}",
                                "trainer.fast_dev_run=false", "trainer.max_steps=3", "trainer.limit_val_batches=1",
@@ -291,6 +297,7 @@ def test_a_bug_in_training_keeps_its_traceback(tmp_path, monkeypatch):
         app.main()
 
 
+@pytest.mark.filterwarnings("ignore:scheduler.warmup_steps=.* is not shorter than this fit")  # a few steps
 def test_a_bug_in_the_sanity_check_keeps_its_traceback(tmp_path, monkeypatch):
     def validation_step(self, batch, batch_idx):
         raise ValueError("a bug in validation_step")

@@ -5,7 +5,10 @@ The default job's and DDP's output are checked in test_app.py, with those runs."
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -102,3 +105,35 @@ def test_help_shows_the_groups_and_examples(tmp_path):
         assert re.search(rf"^{group}: \w+, \w+", result.stdout, re.MULTILINE), group
     examples = result.stdout.split("== Examples ==")[1]
     assert len(re.findall(r"^ +lightning-imex-train", examples, re.MULTILINE)) == 5
+
+
+LIGHTNING_FREE = """
+import sys
+from hydra.core.global_hydra import GlobalHydra
+from lightning_imex.app.cli import main
+for argv in (["--help"], ["optimizer=nope"], ["model.nope=1"]):
+    sys.argv = ["lightning-imex-train", *argv]
+    try:
+        main()
+    except SystemExit as exit:
+        print(argv[0], exit.code, flush=True)
+    GlobalHydra.instance().clear()
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning"))
+    assert not loaded, (argv, loaded[:5])
+"""
+
+
+@pytest.mark.slow  # one process (torch's import)
+def test_help_and_a_bad_override_answer_without_importing_lightning(tmp_path):
+    # the console script's path: seconds faster than importing Lightning
+    result = subprocess.run([sys.executable, "-c", LIGHTNING_FREE], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("lightning-imex-train: trains a network")
+    assert result.stdout.splitlines()[-3:] == ["--help 0", "optimizer=nope 1", "model.nope=1 1"]
+    assert result.stderr.splitlines() == [
+        "lightning-imex-train: error: optimizer=nope: no such optimizer config; available: adagrad, adam, adamax, "
+        "adamomentum, adamw, clipped_adam, imex_ars222, imex_ars343, imex_euler, imex_ssp3_433, imex_trapezoidal, "
+        "imex_trapezoidal_pc, imex_trapezoidal_reuse, sgd",
+        "lightning-imex-train: error: model.nope: no such key in model; model has: name, hidden, activation, dropout, "
+        "batch_norm (to add one: +model.nope=1)"]

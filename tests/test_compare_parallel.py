@@ -147,6 +147,8 @@ def test_a_killed_parallel_compare_leaves_no_worker_and_finishes_only_the_missin
     workers = children(process.pid)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    process.stdout.close()  # unread: the output of a killed compare
+    process.stderr.close()
     assert len(workers) >= 2  # the pool's workers (and multiprocessing's resource tracker)
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:

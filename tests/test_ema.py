@@ -313,6 +313,7 @@ def fit_resume(tmp_path, ckpt_path=None):
     return module, ema
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from")  # resumed in another folder on purpose
 def test_resume_is_bit_identical(tmp_path):
     straight, straight_ema = fit_resume(tmp_path / "straight")
     path = tmp_path / "straight" / "checkpoints" / "epoch=4-step=5.ckpt"
@@ -370,19 +371,24 @@ def test_ddp_spawn_ranks_hold_identical_emas(tmp_path):
 
 
 def test_sharded_strategies_it_cannot_follow_are_refused_in_one_line():
-    """FSDP1's flat parameters, and a sharded strategy whose checkpoint would not hold the
-    EMA's shards; FSDP2Strategy (sharded checkpoints) passes the check."""
+    """FSDP1's flat parameters, and a ModelParallelStrategy that gathers its checkpoints into
+    one file (which would not hold the EMA's shards); FSDP2Strategy and Lightning's own
+    ModelParallelStrategy with sharded checkpoints pass the check (the latter's fit and
+    resume: tests/test_fsdp_app.py::test_model_ema_under_lightnings_own_model_parallel_strategy)."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     from lightning_imex.sharding import FSDP2Strategy
 
     for strategy, match in ((object.__new__(FSDPStrategy), "does not average FSDPStrategy's sharded weights"),
-                            (object.__new__(ModelParallelStrategy), "ModelEMA under ModelParallelStrategy needs "),
-                            (FSDP2Strategy(save_distributed_checkpoint=False), "needs .*FSDP2Strategy")):
+                            (ModelParallelStrategy(save_distributed_checkpoint=False),
+                             "ModelEMA under ModelParallelStrategy needs save_distributed_checkpoint=True"),
+                            (FSDP2Strategy(save_distributed_checkpoint=False),
+                             "ModelEMA under FSDP2Strategy needs save_distributed_checkpoint=True")):
         with pytest.raises(RuntimeError, match=match) as error:
             ModelEMA().setup(SimpleNamespace(strategy=strategy), nn.Linear(1, 1), "fit")
         assert "\n" not in str(error.value)
     ModelEMA.check_strategy(FSDP2Strategy())
+    ModelEMA.check_strategy(ModelParallelStrategy())
 
 
 # ------------------------------------------------------------------ arguments
@@ -481,6 +487,8 @@ def test_evaluate_both_checkpoints_rank_by_ema_or_raw_and_load_the_ranked_weight
     assert all(torch.equal(v, saved[k]) for k, v in ema_best.state_dict().items())
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from")  # resumed in another folder on purpose
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create")  # no EMAWeightAveraging, on purpose
 def test_resumes_a_checkpoint_of_lightnings_ema_weight_averaging(tmp_path):
     """Issue 21 item 6: same layout (state_dict = EMA, current_model_state = raw,
     averaging_state.n_averaged); the resumed fit goes on as EMAWeightAveraging would."""

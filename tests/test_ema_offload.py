@@ -129,6 +129,7 @@ def lightning_fit(tmp_path, monkeypatch, offloaded: bool, ckpt_path=None):
     return module, ema
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from")  # resumed in another folder on purpose
 def test_model_ema_offloaded_fit_and_resume_equal_the_synchronous_fit(tmp_path, monkeypatch):
     straight, straight_ema = lightning_fit(tmp_path / "straight", monkeypatch, offloaded=False)
     checkpoint = tmp_path / "straight" / "checkpoints" / "epoch=29-step=30.ckpt"

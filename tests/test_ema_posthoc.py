@@ -94,6 +94,8 @@ def fit_resume(tmp_path, ckpt_path=None, max_steps=8):
     return posthoc
 
 
+@pytest.mark.filterwarnings("ignore:Experiment logs directory .* exists and is not empty")  # resumed in its folder
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_resume_continues_exactly_and_drops_later_snapshots(tmp_path):
     straight = fit_resume(tmp_path)
     snapshots = {s: torch.load(p, weights_only=True) for s, p in find_snapshots(tmp_path / "snapshots")}

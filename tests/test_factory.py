@@ -218,6 +218,7 @@ def fit_steps(tmp_path, steps, ckpt_path=None, dropout=0.0):
     return module, fit
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from")  # resumed in another folder on purpose
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_checkpoint_loads_weights_only_and_resumes_exactly(tmp_path, dropout):
     """With dropout too: the checkpoint carries the random generators' states."""
@@ -236,6 +237,7 @@ def test_checkpoint_loads_weights_only_and_resumes_exactly(tmp_path, dropout):
     assert min(column(logged_rows(fit), "step")) >= 4  # the resumed run logged only its own steps
 
 
+@pytest.mark.filterwarnings("ignore:Attribute 'backbone' is an instance of `nn.Module`")  # the module given on purpose
 def test_unstorable_hyper_parameter_fails_at_construction():
     class WithModule(Classifier):
         def __init__(self, backbone: nn.Module, **kwargs):

@@ -20,7 +20,7 @@ import torch
 from test_crash_resume import assert_same, compared
 from test_fsdp2 import fsdp2_unavailable
 
-from fsdp_app_run import CONFIGS, RESUMED, STEPS, WITH_EMA
+from fsdp_app_run import CONFIGS, MP_STEPS, RESUMED, STEPS, WITH_EMA
 
 SCRIPT = Path(__file__).with_name("fsdp_app_run.py")
 TOLERANCE = 1e-6
@@ -112,6 +112,33 @@ def test_sharded_model_ema_equals_the_one_process_ema_without_gathering(run, tmp
             assert counts["calls"] == 0, f"{phase}, rank {rank}: {counts['calls']} collectives inside EMA updates"
     for rank, ema in enumerate(results["ema_ranks"]["fits"]):  # a root unit with weights, gathered by a forward
         assert ema["root_swap"] == {"ema": 0.0, "raw": 0.0}, f"rank {rank}: {ema['root_swap']}"
+
+
+@pytest.mark.slow
+def test_model_ema_under_lightnings_own_model_parallel_strategy(run):
+    """Issue 21: ModelEMA under Lightning's plain ``ModelParallelStrategy`` (a module that
+    calls ``fully_shard`` in ``configure_model``; not our FSDP2Strategy): the EMA and raw
+    weights equal the one-process fit's; a fit resumed from the first checkpoint folder
+    ends bit-identical to the straight one (its raw shards, kept inside ``state_dict``,
+    restored on every rank); testing the last checkpoint with ``swap_test=False`` runs on
+    those raw shards; that folder's ``meta.pt`` holds no weights, and it
+    consolidates into the module's keys alone."""
+    out, results = run
+    straight, resumed, plain = (torch.load(out / folder / "weights.pt", weights_only=True)
+                                for folder in ("mp", "mp_resumed", "mp_auto"))
+    assert straight["updates"] == resumed["updates"] == plain["updates"] == MP_STEPS
+    weights = [k for k in plain if k != "updates"]
+    difference = max((straight[k] - plain[k]).abs().max().item() for k in weights)
+    assert difference <= TOLERANCE, f"the sharded EMA differs from the one-process EMA by {difference}"
+    apart = max((plain[f"ema.{k[4:]}"] - plain[k]).abs().max().item() for k in weights if k.startswith("raw."))
+    assert apart > 1e-3, "the EMA is the raw weights: the comparison would be vacuous"
+    assert all(torch.equal(straight[k], resumed[k]) for k in weights), "the resumed fit is not bit-identical"
+    tested = [k for k in straight if k.startswith("tested.")]
+    assert tested and all(torch.equal(straight[k], straight[f"raw.{k[7:]}"]) for k in tested), \
+        "test(ckpt_path=...) with swap_test=False did not run on the checkpoint's raw weights"
+    meta = torch.load(out / "mp" / f"step={MP_STEPS}.ckpt" / "meta.pt", weights_only=False)
+    assert "current_model_state" not in meta and "state_dict" not in meta
+    assert results["consolidated"]["mp_consolidated"] <= TOLERANCE, results["consolidated"]
 
 
 @pytest.mark.slow

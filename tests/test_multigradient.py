@@ -4,7 +4,9 @@ LightningCLI's ``--optimizer``. The fit-start guards, and steps whose later eval
 leave no trace besides their gradients."""
 
 import copy
+import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -240,9 +242,13 @@ def lightning_cli(tmp_path, *args):
                     enable_checkpointing=False, log_every_n_steps=1, default_root_dir=str(tmp_path),
                     logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
                             "init_args": {"save_dir": str(tmp_path), "name": "", "version": ""}})
-    return LightningCLI(CLIClassifier, CLIData, run=False, save_config_callback=None, trainer_defaults=defaults,
-                        args=["--optimizer", "lightning_imex.optim.IMEXAdam", "--optimizer.lr", "0.01",
-                              "--optimizer.tableau", "trapezoidal", *args])
+    # pytest's own command line is no business of the CLI's (it warns when it sees one); a
+    # fixed seed (the default draws one and says so)
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return LightningCLI(CLIClassifier, CLIData, run=False, save_config_callback=None, trainer_defaults=defaults,
+                            seed_everything_default=0,
+                            args=["--optimizer", "lightning_imex.optim.IMEXAdam", "--optimizer.lr", "0.01",
+                                  "--optimizer.tableau", "trapezoidal", *args])
 
 
 def test_lightning_cli_optimizer(tmp_path):

@@ -5,16 +5,15 @@ and tableau, within the maps' bounds, per tensor, and resumed exactly."""
 from __future__ import annotations
 
 import io
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from lightning_imex.optim import IMEXAdam
-from lightning_imex.optim.imex_adam import PositivityWarning
 from lightning_imex.optim.program import QUANT_BLOCK, dequantize, element_offsets, quant_blocks, quantize
 from bitwise import assert_same_bits, triton_check
+import test_state_dtype as state_dtype_test
 from test_state_dtype import CASES, CONFIGS  # noqa: F401 (CASES: what triton_check runs)
 
 
@@ -27,26 +26,7 @@ def model() -> nn.Module:
 
 def train(name: str, fused: bool | None, steps: int = 5, state: dict | None = None, state_dtype="8bit"):
     """(model, optimizer) after ``steps`` full-batch steps, from ``state`` when given."""
-    cls, kwargs = CONFIGS[name]
-    net = model()
-    with warnings.catch_warnings():  # ars222 and ars343 warn that they are not positivity-preserving
-        warnings.simplefilter("ignore", PositivityWarning)
-        opt = cls(net.parameters(), lr=1e-2, fused=fused, state_dtype=state_dtype, **kwargs)
-    if state is not None:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 7, (32,), generator=g)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
-
-    for _ in range(steps):
-        opt.step(closure)
-    return net, opt
+    return state_dtype_test.train(name, fused, steps, state=state, state_dtype=state_dtype, net=model())
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -40,19 +40,21 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
 
 
-def train(name: str, fused: bool | None, steps: int = 5, seed: int = 0, state: dict | None = None):
-    """(model, optimizer) after ``steps`` full-batch steps with bfloat16 state, from
-    ``state`` ({"model", "opt"}) when given."""
+def train(name: str, fused: bool | None, steps: int = 5, seed: int = 0, state: dict | None = None,
+          state_dtype=torch.bfloat16, net: nn.Sequential | None = None):
+    """(model, optimizer) after ``steps`` full-batch classification steps of ``net`` (else
+    :func:`model`) with ``state_dtype`` state, from ``state`` ({"model", "opt"}) when given."""
     cls, kwargs = CONFIGS[name]
-    net = model()
+    net = model() if net is None else net
     with warnings.catch_warnings():  # ars222 and ars343 warn that they are not positivity-preserving
         warnings.simplefilter("ignore", PositivityWarning)
-        opt = cls(net.parameters(), lr=1e-2, fused=fused, state_dtype=torch.bfloat16, seed=seed, **kwargs)
+        opt = cls(net.parameters(), lr=1e-2, fused=fused, state_dtype=state_dtype, seed=seed, **kwargs)
     if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    x = torch.randn(32, net[0].in_features, generator=g)
+    y = torch.randint(0, net[-1].out_features, (32,), generator=g)
 
     def closure():
         opt.zero_grad()

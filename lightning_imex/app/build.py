@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import CSVLogger
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -64,6 +65,7 @@ def build_fit(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
         module = SupervisedTask(model=cfg.model, input_shape=datamodule.input_shape,
                                 num_outputs=datamodule.num_outputs, task=datamodule.task, optimizer=cfg.optimizer,
                                 scheduler=cfg.scheduler, clipping=cfg.clipping, **cfg.param_groups)
+        module.to(_true_precision_dtype(cfg.trainer.get("precision")))  # as the Trainer will: the optimizer sees it
         try:
             optimizer = module.checked_optimizer()  # the fit's, its hyper-parameters checked
         except (ValueError, TypeError) as error:
@@ -134,6 +136,13 @@ def _logger(cfg: DictConfig) -> Any:
                               "pip install 'lightning-imex[tensorboard]' (or pip install tensorboard), "
                               "or use logger=csv") from error
         raise
+
+
+def _true_precision_dtype(precision: Any) -> torch.dtype:
+    """The dtype a ``*-true`` (or double) precision gives the weights before the optimizer
+    is built (``param_rounding`` checks it); float32 for any other precision."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64, "64": torch.float64,
+            "double": torch.float64}.get(str(precision), torch.float32)
 
 
 def sharded_callbacks(strategy: Any, callbacks: dict[str, Callback]) -> dict[str, Callback]:

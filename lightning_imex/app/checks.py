@@ -1,15 +1,13 @@
 """The app's checks of what Lightning leaves to the start of the fit (or never checks):
-the command line before Hydra parses it, the seed, the Trainer's arguments, folders the
+the seed, the Trainer's arguments, folders the
 run writes in, monitored metrics, the schedule, the validation interval and the
 checkpoint to resume from. Each raises one line naming the key (:class:`ConfigError`,
 or ``ValueError`` from :mod:`lightning_imex.validate`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
-import re
 import tempfile
 import warnings
 from typing import Any
@@ -23,40 +21,13 @@ from ..schedules import build_scheduler
 from ..sharding import is_sharded
 from ..task import SupervisedTask
 from ..validate import allowed_keywords, integer, is_integer, real
-from .errors import PROG, ConfigError, fail
+from .errors import ConfigError
+from .run_dir import CKPT_KEYWORDS
 
-__all__ = ["CKPT_KEYWORDS", "check_arguments", "check_folder", "check_launcher", "check_monitors", "check_resume",
-           "check_scheduler", "check_seed", "check_trainer_options", "check_val_check_interval", "fields"]
+__all__ = ["check_folder", "check_monitors", "check_resume", "check_scheduler", "check_seed", "check_trainer_options",
+           "check_val_check_interval", "fields"]
 
 SEED_MAX = 2**32 - 1  # numpy's
-CKPT_KEYWORDS = ("last", "best", "hpc")  # ckpt_path values Lightning resolves itself
-
-
-def _module_missing(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is None
-    except ImportError:  # its parent package is missing
-        return True
-
-
-def check_launcher(args: list[str]) -> None:
-    """The SLURM launcher's plugin, before Hydra fails to load it with a longer message."""
-    for arg in args:
-        found = re.fullmatch(r"\+*hydra/launcher=(\S+)", arg)
-        if found and found.group(1) in ("slurm", "submitit_slurm", "submitit_local") and _module_missing(
-                "hydra_plugins.hydra_submitit_launcher"):
-            fail(f"hydra/launcher={found.group(1)} needs the hydra-submitit-launcher plugin, which is not "
-                 "installed: pip install 'lightning-imex[slurm]' (or pip install hydra-submitit-launcher)")
-
-
-def check_arguments(args: list[str]) -> None:
-    """The command line parsed as Hydra parses it, an unknown flag failing in one line
-    (argparse prints its usage too)."""
-    from hydra._internal.utils import get_args_parser
-    parser = get_args_parser()
-    parser.prog = PROG
-    parser.error = lambda message: fail(f"{message} (see {PROG} --help)")  # type: ignore[method-assign]
-    parser.parse_args(args)
 
 
 def check_seed(seed: Any) -> None:

@@ -1,7 +1,8 @@
 """The app's error text: every error of a configuration (the command line, Hydra's
 composition, building the parts, a checkpoint to resume from, Lightning's checks at the
 start of the fit) becomes one line, ``lightning-imex-train: error: ...``, naming the key
-and what it allows."""
+and what it allows. Importing it loads neither torch nor Lightning (the command line's
+errors answer without them)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,8 @@ import sys
 from typing import Any
 
 from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
-
-from ..optimizers import optimizer_class
 
 __all__ = ["PROG", "ConfigError", "compose_error", "fail", "hint", "one_line", "optimizer_error", "trainer_error"]
 
@@ -109,8 +107,10 @@ def _group_options(group: str) -> list[str]:
 
 def fail(message: str) -> None:
     """Exits with ``lightning-imex-train: error: message`` (in one line) on stderr,
-    printed by one process only (under DDP every process fails alike)."""
-    if getattr(rank_zero_only, "rank", 0) == 0:
+    printed by one process only (under DDP every process fails alike). Without Lightning
+    loaded (the command line's errors) this is the only process."""
+    rank_zero = sys.modules.get("lightning.pytorch.utilities.rank_zero")
+    if getattr(getattr(rank_zero, "rank_zero_only", None), "rank", 0) == 0:
         message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
@@ -144,6 +144,8 @@ def optimizer_error(optimizer_config: dict[str, Any], error: BaseException) -> s
     word = word.group(0) if word else ""
     if word in PARAM_GROUP_FIELDS:
         return f"param_groups.{message}"
+    from ..optimizers import optimizer_class
+
     try:
         fields = list(inspect.signature(optimizer_class(optimizer_config)).parameters)
     except (ValueError, TypeError):

@@ -10,10 +10,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .checks import CKPT_KEYWORDS
+__all__ = ["CKPT_KEYWORDS", "resumed_run_dir"]
 
-__all__ = ["resumed_run_dir"]
-
+CKPT_KEYWORDS = ("last", "best", "hpc")  # ckpt_path values Lightning resolves itself
 HYDRA_CONFIG = os.path.join(".hydra", "config.yaml")  # what Hydra writes in every run's folder
 
 

@@ -16,16 +16,21 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from .. import _lightning
 from ..clipping import step_skipped
 from ..ema import DTENSOR, EMA, SCHEDULES, check_options, decay_from_optimizer, tracked_tensors
 from ..ema_offload import build_ema
+from ..sharding import COPY_MARK, is_sharded_checkpoint, load_weight_copies
 from ..validate import boolean, choice, integer
 
-__all__ = ["EVALUATE", "RAW_SUFFIX", "SCHEDULES", "ModelEMA"]
+__all__ = ["EVALUATE", "RAW_IN_STATE_DICT", "RAW_SUFFIX", "SCHEDULES", "ModelEMA"]
 
 EVALUATE = ("ema", "raw", "both")
 SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
 RAW_SUFFIX = "_raw"
+# where the raw weights go under a strategy that shards state_dict alone (Lightning's
+# ModelParallelStrategy): inside state_dict, under names no module weight has
+RAW_IN_STATE_DICT = f"{COPY_MARK}current_model_state/"
 # other callbacks that put averaged weights into the module: with ModelEMA, the result
 # would depend on the order of the callbacks
 AVERAGING = (StochasticWeightAveraging, WeightAveraging)
@@ -66,11 +71,16 @@ class ModelEMA(L.Callback):
     or where the checkpoint is the best of a ``ModelCheckpoint`` that monitors a ``_raw``
     metric (the weights it ranked).
 
-    Under FSDP2 (:class:`~lightning_imex.sharding.FSDP2Strategy`, the app's ``strategy=fsdp``)
-    each rank averages and swaps its own shards of the weights (nothing gathered, the EMA
-    per rank the size of its shard); checkpoints hold the EMA and the raw weights as
-    DTensors in the sharded part, so that each rank restores its own; ``export_path`` is
-    gathered once, at the end. FSDP1 (``FSDPStrategy``) is refused.
+    Under FSDP2 (:class:`~lightning_imex.sharding.FSDP2Strategy`, the app's ``strategy=fsdp``,
+    or Lightning's ``ModelParallelStrategy`` with a module that calls ``fully_shard`` in
+    ``configure_model``) each rank averages and swaps its own shards of the weights
+    (nothing gathered, the EMA per rank the size of its shard); checkpoints (folders of
+    shards: ``save_distributed_checkpoint=True``) hold the EMA and the raw weights as
+    DTensors in the sharded part, so that each rank restores its own: the raw ones as
+    ``current_model_state`` under ``FSDP2Strategy``, and under ``ModelParallelStrategy``
+    (which shards ``state_dict`` alone) inside ``state_dict`` under names starting with
+    ``RAW_IN_STATE_DICT``, which loading the module and ``consolidate`` leave out.
+    ``export_path`` is gathered once, at the end. FSDP1 (``FSDPStrategy``) is refused.
 
     Override :meth:`make_ema` to average with a subclass of :class:`~lightning_imex.ema.EMA`.
     """
@@ -138,18 +148,18 @@ class ModelEMA(L.Callback):
     @staticmethod
     def check_strategy(strategy: Any) -> None:
         """One line where ``strategy`` shards the weights in a way the EMA cannot follow:
-        FSDP1's flat parameters, or a sharded strategy whose checkpoint would not hold the
-        EMA's shards (only :class:`~lightning_imex.sharding.FSDP2Strategy` saves them)."""
+        FSDP1's flat parameters, or a ``ModelParallelStrategy`` that gathers its checkpoints
+        into one file from rank 0 (which would not hold the other ranks' EMA shards)."""
         names = [c.__name__ for c in type(strategy).__mro__]
         if "FSDPStrategy" in names:
             raise RuntimeError("ModelEMA does not average FSDPStrategy's sharded weights: FSDP1 flattens each unit's "
                                "parameters into one FlatParameter whose shard boundaries cut across parameters; use "
                                "lightning_imex.sharding.FSDP2Strategy (fully_shard: per-parameter DTensor shards; "
                                "strategy=fsdp in the app), or 'ddp'")
-        if any(name in SHARDED for name in names) and not getattr(strategy, "saves_weight_copies", False):
-            raise RuntimeError(f"ModelEMA under {type(strategy).__name__} needs lightning_imex.sharding.FSDP2Strategy "
-                               "with save_distributed_checkpoint=True (strategy=fsdp in the app): its sharded "
-                               "checkpoint holds the EMA's shards, which this strategy's checkpoint would not")
+        if "ModelParallelStrategy" in names and not _lightning.saves_distributed_checkpoint(strategy):
+            raise RuntimeError(f"ModelEMA under {type(strategy).__name__} needs save_distributed_checkpoint=True "
+                               "(strategy=fsdp in the app): a folder of shards holds every rank's shards of the "
+                               "EMA, which a checkpoint gathered into one file by rank 0 would not")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_strategy(trainer.strategy)
@@ -275,20 +285,29 @@ class ModelEMA(L.Callback):
         if self.ema is None:
             return
         checkpoint["state_dict"] = self.ema.averaged_state_dict()
-        checkpoint["current_model_state"] = self.ema.raw_state_dict()
+        raw = self.ema.raw_state_dict()
+        if self.ema.sharded and not getattr(trainer.strategy, "saves_weight_copies", False):
+            # Lightning's ModelParallelStrategy shards state_dict and the optimizers' states and
+            # pickles the rest from rank 0: the raw shards ride inside state_dict
+            checkpoint["state_dict"].update((RAW_IN_STATE_DICT + name, t) for name, t in raw.items())
+        else:
+            checkpoint["current_model_state"] = raw
         checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.updates)}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Lightning has loaded state_dict (the EMA, if the checkpoint has one) into the module
         if trainer.state.fn != TrainerFn.FITTING:  # evaluate the checkpoint's weights, not an earlier fit's EMA
             self.ema = None
-            if "current_model_state" in checkpoint and self._evaluates_raw(trainer, checkpoint):
-                pl_module.load_state_dict(checkpoint["current_model_state"])
+            evaluates_raw = self._evaluates_raw(trainer, checkpoint)
+            raw = self._raw_weights(trainer, pl_module, checkpoint) if evaluates_raw else None
+            if raw is not None:
+                pl_module.load_state_dict(raw)
             elif trainer.state.fn == TrainerFn.VALIDATING and self.evaluate == "both":
                 rank_zero_warn("ModelEMA: validate given a checkpoint runs on its EMA weights only; "
                                "evaluate='both' logs the raw pass during fit")
             return
-        if "current_model_state" not in checkpoint:
+        raw = self._raw_weights(trainer, pl_module, checkpoint)
+        if raw is None:
             return
         # a fit: the module's weights become the EMA, and the raw weights go back in. The
         # counters come with the callback's state; a checkpoint of Lightning's
@@ -297,7 +316,20 @@ class ModelEMA(L.Callback):
         n = int(checkpoint.get("averaging_state", {}).get("n_averaged", 0))
         self._resumed = average, {"steps": n, "updates": n, "lightning": True}
         self.last_step = checkpoint["global_step"]
-        pl_module.load_state_dict(checkpoint["current_model_state"])
+        pl_module.load_state_dict(raw)
+
+    @staticmethod
+    def _raw_weights(trainer: L.Trainer, pl_module: nn.Module, checkpoint: dict) -> dict[str, Tensor] | None:
+        """The checkpoint's raw weights, or None: its ``current_model_state``, or the shards
+        kept inside ``state_dict`` of a folder that ``ModelParallelStrategy`` saved (read
+        here, by every rank: Lightning loaded only the module's names)."""
+        if "current_model_state" in checkpoint:
+            return checkpoint["current_model_state"]
+        path = trainer.ckpt_path
+        if path is None or not is_sharded_checkpoint(path):
+            return None
+        prefix = f"state_dict.{RAW_IN_STATE_DICT}"
+        return load_weight_copies(path, pl_module, [prefix]).get(prefix)
 
     def _build_resumed(self, pl_module: nn.Module) -> None:
         """The resumed EMA, once the checkpoint's tensors and counters and the fit's decay are known."""
