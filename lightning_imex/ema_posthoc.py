@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .atomic import torch_save
 from .validate import is_real
 
 __all__ = ["FORMAT", "SIGMA_REL_MAX", "PowerEMA", "SnapshotError", "check_sigma_rel", "find_snapshots",
@@ -185,18 +185,7 @@ def save_snapshot(folder: str | os.PathLike, ema: PowerEMA, names: Sequence[str]
         "profiles": [[t.detach().to("cpu", cast) for t in average] for average in ema.averages],
         "other": {k: v.detach().cpu() for k, v in other.items()}, "aliases": dict(aliases or {}),
     }
-    path = folder / snapshot_name(ema.step)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(snapshot, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return torch_save(snapshot, folder / snapshot_name(ema.step))
 
 
 def load_snapshot(path: str | os.PathLike) -> dict[str, Any]:

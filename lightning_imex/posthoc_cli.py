@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import torch_save
 from .callbacks.posthoc_ema import FOLDER
 from .ema_posthoc import SnapshotError, check_sigma_rel, find_snapshots, load_snapshot, reconstruct
 
@@ -84,18 +83,6 @@ def usable_snapshots(folder: Path, step: int | None) -> list[Path]:
             continue
         paths.append(path)
     return paths
-
-
-def _save(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Atomic: a temporary file in the same folder, then renamed."""
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def evaluate(run_dir: Path, out: Path, states: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
@@ -177,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     files = []
     for sigma_rel, state, residual in zip(sigma_rels, states, residuals.tolist()):
         path = out / f"sigma_rel={sigma_rel:.3f}.pt"
-        _save(state, path)
+        torch_save(state, path)
         files.append(path)
         print(f"  sigma_rel {sigma_rel:<7g} profile fit residual {residual:.2e}  {path}")
     if not args.evaluate:

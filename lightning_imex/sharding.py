@@ -27,7 +27,6 @@ import fnmatch
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from . import _lightning
+from .atomic import torch_save
 from .multigradient import requires_closure
 from .optim.cache import _owner_problem
 
@@ -350,16 +350,7 @@ def consolidate(checkpoint_dir: str | os.PathLike, out: str | os.PathLike | None
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         dcp.load({"state_dict": state_dict}, storage_reader=reader)
     if out is not None:
-        folder = os.path.dirname(os.path.abspath(out))
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".consolidate-", suffix=".pt", dir=folder)
-        os.close(handle)
-        try:
-            torch.save(state_dict, temporary)
-            os.replace(temporary, out)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        torch_save(state_dict, out)
     return state_dict
 
 

@@ -5,7 +5,6 @@ test and predict, and checkpointed so that a resumed fit continues exactly."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .. import _lightning
+from ..atomic import torch_save
 from ..clipping import step_skipped
 from ..ema import DTENSOR, EMA, SCHEDULES, check_options, decay_from_optimizer, tracked_tensors
 from ..ema_offload import build_ema
@@ -208,7 +208,7 @@ class ModelEMA(L.Callback):
                 if trainer.is_global_zero:
                     whole[name] = t.detach().cpu()
             if trainer.is_global_zero:
-                _save_atomically(whole, Path(self.export_path))
+                torch_save(whole, Path(self.export_path))
             rank_zero_info(f"ModelEMA: EMA weights written to {self.export_path}")
         if self.end_with == "ema" and self.ema.holding == "raw":
             self.ema.swap()
@@ -356,18 +356,6 @@ class ModelEMA(L.Callback):
         wanted = {TrainerFn.VALIDATING: self.evaluate != "raw", TrainerFn.TESTING: self.swap_test,
                   TrainerFn.PREDICTING: self.swap_predict}
         return ranked_raw or not wanted.get(trainer.state.fn, True)
-
-
-def _save_atomically(state: dict[str, Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 class _RawLog:
