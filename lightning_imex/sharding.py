@@ -39,7 +39,7 @@ from torch import nn
 from . import _lightning
 from .atomic import torch_save
 from .multigradient import requires_closure
-from .optim.cache import _owner_problem
+from .optim.cache import owner_problem
 
 __all__ = ["CHECKPOINT_METADATA", "COPY_MARK", "FSDP2Strategy", "consolidate", "is_sharded",
            "is_sharded_checkpoint", "load_weight_copies", "mixed_precision_policy", "shard_blocks",
@@ -318,7 +318,7 @@ def shards_index_problem(path: str | os.PathLike) -> str | None:
     """Why the shard index of the checkpoint folder ``path`` must not be read, or None:
     torch.distributed.checkpoint stores it as a pickle (reading it runs what it holds), so
     it must be yours and writable by no one else."""
-    problem = _owner_problem(os.stat(os.path.join(path, SHARDS_INDEX)))
+    problem = owner_problem(os.stat(os.path.join(path, SHARDS_INDEX)))
     return (f"its shard index {SHARDS_INDEX} {problem}; it is a pickle, which runs code when read: copy the "
             "checkpoint into a folder of your own (or fix its permissions)") if problem else None
 

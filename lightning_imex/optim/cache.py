@@ -41,7 +41,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["cache_dir", "secure_dir", "load_verified", "store", "cached", "private_dir", "private_copy"]
+__all__ = ["cache_dir", "secure_dir", "load_verified", "store", "cached", "private_dir", "private_copy", "owner_problem"]
 
 DIGEST_SUFFIX = ".sha256"
 _HOW_TO_FIX = ("set LIGHTNING_IMEX_CACHE_DIR to a directory that you own and only you can write to "
@@ -111,7 +111,7 @@ def _read(directory: int, name: str, path: Path) -> bytes | None:
         return None
     with os.fdopen(fd, "rb") as file:
         status = os.fstat(fd)
-        problem = "is not a regular file" if not stat.S_ISREG(status.st_mode) else _owner_problem(status)
+        problem = "is not a regular file" if not stat.S_ISREG(status.st_mode) else owner_problem(status)
         if problem is not None:  # one warning per directory and problem, not per file
             _warn_once(f"not loading {path.parent / name}: it {problem}; it is rebuilt (so is any other such "
                        f"file). Remove files that you did not make from the cache, or {_HOW_TO_FIX}",
@@ -202,10 +202,12 @@ def _directory_problem(status: os.stat_result, writing: bool = False) -> str | N
         return "is not a directory"
     if writing and not status.st_mode & stat.S_IWUSR:
         return f"is read-only (mode {stat.S_IMODE(status.st_mode):o})"
-    return _owner_problem(status)
+    return owner_problem(status)
 
 
-def _owner_problem(status: os.stat_result) -> str | None:
+def owner_problem(status: os.stat_result) -> str | None:
+    """Why a file or folder with ``status`` may not be trusted to hold what this user wrote
+    (another owner, or writable by group or others); None if it may."""
     if status.st_uid != os.geteuid():
         return f"is owned by uid {status.st_uid}, not by you (uid {os.geteuid()})"
     if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
