@@ -40,7 +40,7 @@ def test_help_list_and_a_workers_set_up_do_not_import_lightning():
     assert result.stdout.rstrip().endswith("LOADED []")
     lines = result.stdout.splitlines()
     spirals = lines.index(next(line for line in lines if line.startswith("imex_spirals ")))
-    assert lines[spirals + 1].strip().startswith("27 runs (3 optimizers x 3 learning rates x 3 seeds) of 3000 "
+    assert lines[spirals + 1].strip().startswith("36 runs (3 optimizers x 4 learning rates x 3 seeds) of 3000 "
                                                  "gradient evaluations; ~")
     mnist = lines.index(next(line for line in lines if line.startswith("imex_mnist ")))
     assert lines[mnist + 1].endswith("time not measured")
