@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from bench_optim import DTYPES, argument_parser, describe, one_line, parameter_shapes, seconds
+from bench_optim import DTYPES, argument_parser, describe, one_line, parameter_shapes, round_robin
 from lightning_imex.clipping import clip_gradients
 from lightning_imex.optim import AdaMax, ClippedAdam, IMEXAdam
 
@@ -116,17 +115,9 @@ def timed_rows(label: str, path: str, make: Callable[..., torch.optim.Optimizer]
         rows.append(Row(label, path, variant))
         steppers.append(build(variant, make, params, args.threshold))
         refills.append(refill)
-    for row, stepper, refill in zip(rows, steppers, refills):
-        row.first_step_s = seconds(lambda: stepper.step(refill), sync)
-        for _ in range(args.warmup):
-            stepper.step(refill)
-    times: list[list[float]] = [[] for _ in rows]
-    for _ in range(args.repeats):
-        for t, stepper, refill in zip(times, steppers, refills):
-            t.append(seconds(lambda: stepper.step(refill), sync))
-    for row, t in zip(rows, times):
-        row.median_ms = statistics.median(t) * 1e3
-        row.ratio_to_step = row.median_ms / (statistics.median(times[0]) * 1e3)
+    for row, (first_step, ms) in zip(rows, round_robin(steppers, refills, args.repeats, args.warmup, sync)):
+        row.first_step_s, row.median_ms = first_step, ms
+        row.ratio_to_step = ms / rows[0].median_ms
     return rows
 
 

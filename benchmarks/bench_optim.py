@@ -7,12 +7,16 @@ and global clipping), each on its default path (``fused=None``), ``fused=True`` 
 ``fused=False`` ("eager"); IMEXAdam euler resuming torch Adam's state (as fast as the
 fresh euler row); and "AdaM3-style per-tensor loop", the plain Python loop of
 in-place torch ops over the parameters that AdaM3's published script uses.
+``--state-dtypes float32,bfloat16,8bit`` times each of our rows with each ``state_dtype``,
+round-robin (one step of each in turn, each on its own tensors), and adds the ratio to the
+same row with float32 state.
 
     python benchmarks/bench_optim.py                          # 20M params in 200 flat tensors
     python benchmarks/bench_optim.py --numel 2e6 --repeats 5  # quicker
     python benchmarks/bench_optim.py --shapes gpt2            # GPT-2 small: 124M params, 148 tensors
     python benchmarks/bench_optim.py --shapes many            # 1,000 tensors of 4,096 elements
     python benchmarks/bench_optim.py --only 'IMEXAdam.*fused' --json rows.json
+    python benchmarks/bench_optim.py --only 'euler default' --state-dtypes float32,bfloat16,8bit
     python benchmarks/bench_optim.py --device cuda --dtype bfloat16 --shapes gpt2
 
 Columns: the median of ``--repeats`` timed steps (after the first step and ``--warmup``
@@ -46,6 +50,8 @@ from torch import Tensor
 from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# --state-dtypes name -> our optimizers' ``state_dtype``
+STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "8bit": "8bit"}
 # Our optimizers: row label, class, constructor keywords.
 OURS = [
     ("IMEXAdam euler", IMEXAdam, {"tableau": "euler"}),
@@ -89,7 +95,8 @@ class PerTensorAdaMomentum(torch.optim.Optimizer):
 class Candidate:
     label: str
     path: str
-    build: Callable[[list[Tensor]], torch.optim.Optimizer]
+    build: Callable[..., torch.optim.Optimizer]
+    takes_state_dtype: bool = False
 
     @property
     def name(self) -> str:
@@ -106,6 +113,8 @@ class Row:
     ratio_per_gradient: float | None = None
     first_step_s: float | None = None
     error: str | None = None
+    state: str = "float32"
+    ratio_to_float32_state: float | None = None  # with --state-dtypes: to this row in float32 state
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
@@ -128,7 +137,7 @@ def parameter_shapes(kind: str, numel: int, tensors: int) -> list[tuple[int, ...
 def candidates(skip_eager: bool) -> list[Candidate]:
     """Our optimizers on each path, then the per-tensor loop (the baselines run apart)."""
     paths = [path for path in PATHS if not (skip_eager and path == "eager")]
-    rows = [Candidate(label, path, partial(cls, fused=PATHS[path], **kwargs)) for label, cls, kwargs in OURS
+    rows = [Candidate(label, path, partial(cls, fused=PATHS[path], **kwargs), True) for label, cls, kwargs in OURS
             for path in paths]
     rows.append(Candidate("IMEXAdam euler, torch state loaded", "default", euler_from_torch_adam_state))
     return rows + [Candidate("AdaM3-style per-tensor loop", "eager", PerTensorAdaMomentum)]
@@ -177,6 +186,23 @@ def measure(optimizer: torch.optim.Optimizer, params: list[Tensor], grads: list[
     return first_step, statistics.median(times) * 1e3, closure_calls / repeats
 
 
+def round_robin(steppers: list, refills: list[Callable[[], float]], repeats: int, warmup: int,
+                sync: Callable[[], None]) -> list[tuple[float, float]]:
+    """(first step s, median ms) of each stepper (anything with ``step(closure)``), each
+    with its own closure: the timed steps are taken one of each in turn, so that load
+    from other processes falls on all of them alike."""
+    firsts = []
+    for stepper, refill in zip(steppers, refills):
+        firsts.append(seconds(lambda: stepper.step(refill), sync))
+        for _ in range(warmup):
+            stepper.step(refill)
+    times: list[list[float]] = [[] for _ in steppers]
+    for _ in range(repeats):
+        for t, stepper, refill in zip(times, steppers, refills):
+            t.append(seconds(lambda: stepper.step(refill), sync))
+    return [(first, statistics.median(t) * 1e3) for first, t in zip(firsts, times)]
+
+
 def one_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:120]
@@ -196,17 +222,18 @@ def measured_row(label: str, path: str, measure_steps: Callable[[], tuple[float,
     return row
 
 
-HEADER = (f"{'optimizer':38s} {'path':>7s} {'median ms':>10s} {'ratio':>7s} {'grads':>6s} "
-          f"{'ratio/grad':>10s} {'first step s':>12s}")
+HEADER = (f"{'optimizer':38s} {'path':>7s} {'state':>8s} {'median ms':>10s} {'ratio':>7s} {'grads':>6s} "
+          f"{'ratio/grad':>10s} {'first step s':>12s} {'x f32 state':>11s}")
 
 
 def format_row(row: Row) -> str:
-    start = f"{row.label:38s} {row.path:>7s}"
+    start = f"{row.label:38s} {row.path:>7s} {row.state:>8s}"
     if row.error is not None:
         return f"{start} error: {row.error}"
     per_gradient = f"{row.ratio_per_gradient:10.2f}" if row.ratio_per_gradient is not None else f"{'-':>10s}"
+    to_float32 = f"{row.ratio_to_float32_state:11.2f}" if row.ratio_to_float32_state is not None else f"{'-':>11s}"
     return (f"{start} {row.median_ms:10.2f} {row.ratio:7.2f} {row.gradient_evaluations:6.2g} "
-            f"{per_gradient} {row.first_step_s:12.2f}")
+            f"{per_gradient} {row.first_step_s:12.2f} {to_float32}")
 
 
 def describe(shapes: list[tuple[int, ...]], args: argparse.Namespace) -> str:
@@ -243,8 +270,50 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--skip-eager", action="store_true", help="leave out our optimizers' fused=False rows")
     parser.add_argument("--only", default=None, metavar="REGEX",
                         help="run only rows whose 'label path' matches (the baseline always runs)")
+    parser.add_argument("--state-dtypes", default="float32", metavar="NAMES",
+                        help=f"comma-separated state_dtype of our rows, from {', '.join(STATE_DTYPES)}; with more "
+                             "than float32, each row's dtypes are timed round-robin beside float32")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.state_dtypes = args.state_dtypes.split(",")
+    unknown = [name for name in args.state_dtypes if name not in STATE_DTYPES]
+    if unknown:
+        parser.error(f"--state-dtypes takes names from {', '.join(STATE_DTYPES)}, got {', '.join(unknown)}")
+    return args
+
+
+def state_rows(candidate: Candidate, args: argparse.Namespace, shapes: list[tuple[int, ...]],
+               sync: Callable[[], None], baseline_ms: float) -> list[Row]:
+    """``candidate`` with each of ``--state-dtypes``, each on its own tensors, timed round-robin."""
+    dtype = DTYPES[args.dtype]
+    rows = [Row(candidate.label, candidate.path, state=state) for state in args.state_dtypes]
+    steppers, refills, calls = [], [], [0] * len(rows)
+    try:
+        for k, state in enumerate(args.state_dtypes):
+            params = [torch.nn.Parameter(torch.randn(s, device=args.device, dtype=dtype)) for s in shapes]
+            grads = [torch.randn(s, device=args.device, dtype=dtype) for s in shapes]
+
+            def refill(params=params, grads=grads, k=k) -> float:
+                calls[k] += 1
+                for p, g in zip(params, grads):
+                    p.grad = g
+                return 0.0
+
+            steppers.append(candidate.build(params, state_dtype=STATE_DTYPES[state]))
+            refills.append(refill)
+        timed = round_robin(steppers, refills, args.repeats, args.warmup, sync)
+    except Exception as error:  # report and go on
+        for row in rows:
+            row.error = one_line(error)
+        return rows
+    float32_ms = dict(zip(args.state_dtypes, (ms for _, ms in timed))).get("float32")
+    for row, (first_step, ms), count in zip(rows, timed, calls):
+        row.first_step_s, row.median_ms = first_step, ms
+        row.gradient_evaluations = count / (1 + args.warmup + args.repeats)
+        row.ratio = ms / baseline_ms
+        row.ratio_per_gradient = row.ratio / row.gradient_evaluations
+        row.ratio_to_float32_state = ms / float32_ms if float32_ms else None
+    return rows
 
 
 def main() -> None:
@@ -277,7 +346,15 @@ def main() -> None:
     chosen = [Candidate("torch Adam", "foreach", lambda params: torch.optim.Adam(params, foreach=True))]
     chosen += candidates(args.skip_eager)
     for candidate in chosen:
-        if args.only is None or re.search(args.only, candidate.name):
+        if args.only is not None and not re.search(args.only, candidate.name):
+            continue
+        if candidate.takes_state_dtype and args.state_dtypes != ["float32"]:
+            for row in state_rows(candidate, args, shapes, sync, rows[0].median_ms):
+                rows.append(row)
+                print(format_row(row), flush=True)
+            if args.json:
+                write_json(args.json, description, args, rows)
+        else:
             run(candidate.label, candidate.path, candidate.build)
     run("torch Adam (again)", "fused", lambda params: torch.optim.Adam(params, fused=True))
 

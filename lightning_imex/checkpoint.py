@@ -7,7 +7,7 @@ would fail halfway through its setup with a long traceback, or resume silently w
 The file is read as Lightning reads it (``torch.load(..., weights_only=True)``), memory-mapped
 where its format allows: the check costs little besides opening the file::
 
-    check_checkpoint(path, module, build_optimizer(module, module.optimizer_config))
+    check_checkpoint(path, module, module.checked_optimizer())
     trainer.fit(module, datamodule=datamodule, ckpt_path=path, weights_only=True)
 """
 
@@ -200,25 +200,24 @@ def _differences(saved: Any, current: Any) -> list[str]:
 
 
 def _check_recipe(where: str, checkpoint: Mapping[str, Any], module: nn.Module) -> None:
-    """The optimizer's class and the schedule's name against an IMEXModule's configs."""
-    from .optimizers import optimizer_class
-    from .schedules import scheduler_config
+    """The optimizer's class and the schedule's name against an IMEXModule's specs."""
+    from .schedules import scheduler_spec
     saved = checkpoint.get("hyper_parameters")
     if not isinstance(saved, Mapping):
         return
-    current = getattr(module, "optimizer_config", None)
+    current = getattr(module, "optimizer_spec", None)
     if current is not None and isinstance(saved.get("optimizer"), Mapping):
-        before, now = _saved_class(saved["optimizer"]), optimizer_class(current)
-        if before is not None and before is not now:
+        before = _saved_class(saved["optimizer"])
+        if before is not None and before is not current.cls:
             raise CheckpointError(f"{where} was saved with the optimizer {_describe(saved['optimizer'], before)}, "
-                                  f"this fit has {_describe(current, now)}: its state does not carry over; resume "
-                                  "with the checkpoint's optimizer, or start a new fit from its weights")
-    if hasattr(module, "scheduler_config") and "scheduler" in saved:
+                                  f"this fit has {_describe(current.kwargs, current.cls)}: its state does not carry "
+                                  "over; resume with the checkpoint's optimizer, or start a new fit from its weights")
+    if hasattr(module, "scheduler_spec") and "scheduler" in saved:
         try:
-            config = scheduler_config(saved["scheduler"])
+            spec = scheduler_spec(saved["scheduler"])
         except (ValueError, TypeError):  # not a config this version reads: Lightning's restore decides
             return
-        names = [None if c is None else c["name"] for c in (config, module.scheduler_config)]
+        names = [None if s is None else s.name for s in (spec, module.scheduler_spec)]
         if names[0] != names[1]:
             raise CheckpointError(f"{where} was saved with the scheduler {names[0]!r}, this fit has {names[1]!r}: "
                                   "its state does not carry over; resume with the checkpoint's scheduler, or "

@@ -64,7 +64,9 @@ def step_skipped(module: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class GradientClipping:
-    """How to clip.
+    """How to clip: the clipping spec, checked when made and frozen (as the optimizer's
+    and the schedule's specs: :meth:`from_config` resolves a config once and returns a
+    spec as it is).
 
     Args:
         algorithm: ``off``, ``norm`` (global ``norm_type`` norm over all parameters),

@@ -32,15 +32,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._torch import free_gathered_flat_parameter
 from .validate import boolean, integer, is_real
 
 __all__ = ["DECAYS", "EMA", "SCHEDULES", "decay_from_optimizer", "reshard", "tracked_tensors"]
 
-if torch.distributed.is_available():  # FSDP2's sharded parameters and modules
+if torch.distributed.is_available():  # FSDP2's sharded parameters and modules; FSDP1's wrapper
     from torch.distributed.fsdp import FSDPModule as FSDP_MODULE
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1_MODULE
     from torch.distributed.tensor import DTensor as DTENSOR
 else:
-    FSDP_MODULE = DTENSOR = None
+    FSDP_MODULE = FSDP1_MODULE = DTENSOR = None
 
 
 def _constant(ema: EMA, k: int) -> float:
@@ -96,7 +98,13 @@ class EMA:
     Under FSDP2 (``fully_shard``: DTensor parameters) each rank averages its own shards
     (:meth:`current`): no communication, the average the size of the rank's shards; the
     state dicts give DTensors sharded as the model's (a sharded checkpoint saves each
-    rank's; ``full_tensor()`` gathers one).
+    rank's; ``full_tensor()`` gathers one). Under FSDP1 (``model`` a
+    ``FullyShardedDataParallel``, or holding some) the same holds for the rank's pieces of
+    the FlatParameters: with ``use_orig_params=True`` each parameter's piece of the rank's
+    flat shard (1-D, possibly empty), else the padded flat shards themselves; the state
+    dicts are then FSDP's own sharded ``state_dict`` (ShardedTensors, per parameter), which
+    FSDP builds by gathering each unit: checkpoints gather, updates never do.
+    :meth:`full_state_dict` gathers the whole weights.
 
     :meth:`swap` exchanges the model's tensors with the average (on one device their
     storages trade places: nothing is allocated, Parameters and optimizer references stay);
@@ -124,8 +132,10 @@ class EMA:
         self.bias_corrected = self.schedule == "zero_start"
         reshard(model)  # FSDP2 registers its sharded parameters again: those are the ones tracked
         self.tracked, self.n_averaged = tracked_tensors(model, include_buffers)
+        # FSDP1 (flat parameters): each rank averages its pieces of them, the parameters' views
+        self.flat_sharded = FSDP1_MODULE is not None and any(isinstance(m, FSDP1_MODULE) for m in model.modules())
         # FSDP2 (DTensor parameters): each rank averages its own shards, views of the parameters' storage
-        self.sharded = any(isinstance(t, DTENSOR) for t in self.tracked) if DTENSOR else False
+        self.sharded = self.flat_sharded or (any(isinstance(t, DTENSOR) for t in self.tracked) if DTENSOR else False)
         self.shadow = [t.to(self.device, copy=True) for t in self.current()]  # what the model does not hold
         self.steps = 0  # update() calls since e_0
         self.updates = 0  # averages taken
@@ -178,9 +188,9 @@ class EMA:
     @torch.no_grad()
     def swap(self) -> None:
         """Exchanges the model's tensors and the copy it does not hold. On one device the
-        storages trade places (``.data``); across devices (``device=``), or under FSDP2
-        (whose all-gather reads the shards' own storage), the values are copied through one
-        shard-sized temporary at a time. FSDP2 modules are resharded first: a module that
+        storages trade places (``.data``); across devices (``device=``), or under FSDP2 /
+        FSDP1 (whose all-gather reads the shards' own storage), the values are copied through
+        one shard-sized temporary at a time. FSDP modules are resharded first: a module that
         kept its gathered weights (the root, after a forward without backward) gathers the
         swapped shards at its next forward."""
         if self.sharded:
@@ -216,12 +226,47 @@ class EMA:
 
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """The model's ``state_dict`` with the EMA in place of the tracked tensors (under
-        FSDP2 sharded as the model's: DTensors of this rank's shards, nothing gathered)."""
+        FSDP2 sharded as the model's: DTensors of this rank's shards, nothing gathered;
+        under FSDP1 FSDP's sharded ``state_dict``, which it gathers each unit to build)."""
+        if self.flat_sharded:
+            return self._flat_state_dict("ema", full=False)
         return self._state_dict_with(self.average())
 
     def raw_state_dict(self) -> dict[str, Tensor]:
         """The model's ``state_dict`` with the training weights, wherever they are held now."""
+        if self.flat_sharded:
+            return self._flat_state_dict("raw", full=False)
         return self._state_dict_with(self.shadow if self.holding == "ema" else self.current())
+
+    def full_state_dict(self, copy: str = "ema") -> dict[str, Tensor]:
+        """The ``state_dict`` of the EMA (``copy="ema"``) or of the training weights
+        (``"raw"``), whole: on a sharded model a collective that every rank calls, which
+        gives every rank the whole tensors; under FSDP1 on an accelerator rank 0 alone gets
+        them, on the CPU (the other ranks an empty dict)."""
+        if copy not in HOLDING:
+            raise ValueError(f"copy must be one of {HOLDING}, got {copy!r}")
+        if self.flat_sharded:
+            return self._flat_state_dict(copy, full=True)
+        state = self.averaged_state_dict() if copy == "ema" else self.raw_state_dict()
+        return {name: t.full_tensor() if DTENSOR and isinstance(t, DTENSOR) else t for name, t in state.items()}
+
+    def _flat_state_dict(self, copy: str, full: bool) -> dict[str, Tensor]:
+        """FSDP1: the names and the per-parameter layout of a ``state_dict`` exist only in
+        FSDP's own, built from the flat shards the model holds: ``copy`` goes in for it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        swap = self.holding != copy
+        if swap:
+            self.swap()
+        else:
+            reshard(self.model)  # a unit's weights kept gathered since a forward would be read instead
+        # offloading to rank 0's CPU saves accelerator memory; torch's FSDP1 crashes doing it to CPU tensors
+        offload = full and any(t.device.type != "cpu" for t in self.tracked)
+        try:
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=full, cpu_offload=offload))
+        finally:
+            if swap:
+                self.swap()
 
     def _state_dict_with(self, tensors: list[Tensor]) -> dict[str, Tensor]:
         if self.sharded:
@@ -268,12 +313,15 @@ def tracked_tensors(model: nn.Module, include_buffers: bool) -> tuple[list[Tenso
 
 
 def reshard(model: nn.Module) -> None:
-    """Every FSDP2 module of ``model`` holds its sharded parameters (``FSDPModule.reshard``:
-    the gathered weights freed, no communication); nothing for a model without any."""
-    if FSDP_MODULE is not None:
-        for module in model.modules():
-            if isinstance(module, FSDP_MODULE):
-                module.reshard()
+    """Every FSDP2 or FSDP1 module of ``model`` holds its sharded parameters, its gathered
+    weights freed (no communication); nothing for a model without any."""
+    if FSDP_MODULE is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDP_MODULE):
+            module.reshard()
+        elif isinstance(module, FSDP1_MODULE):
+            free_gathered_flat_parameter(module)
 
 
 def _sharded_like(model_tensor: Tensor, local: Tensor) -> Tensor:

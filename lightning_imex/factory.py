@@ -4,9 +4,9 @@ over parameter groups) and :mod:`lightning_imex.schedules` (a schedule with Ligh
 ``interval`` / ``frequency`` / ``monitor``): the fit's length, the learning rate
 ``Tuner.lr_find`` writes, the checks of the Trainer a multi-gradient step needs.
 
-Configs are normalised to plain dicts (:func:`optimizer_config`, :func:`scheduler_config`,
-:mod:`lightning_imex.plain`) so that hyper-parameters saved in a checkpoint load with
-``weights_only=True``."""
+Configs are resolved once into specs (:class:`~lightning_imex.optimizers.OptimizerSpec`,
+:class:`~lightning_imex.schedules.SchedulerSpec`), taken as they are here; their plain
+forms are what a checkpoint stores (it loads with ``weights_only=True``)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from torch import nn
 
 from ._lightning import attached_trainer, loaded_checkpoint
 from .multigradient import check_trainer
-from .optimizers import build_optimizer, optimizer_config
-from .schedules import WarmupCosine, build_scheduler, scheduler_config
+from .optimizers import build_optimizer, optimizer_spec
+from .schedules import SchedulerSpec, WarmupCosine, build_scheduler, scheduler_spec
 from .validate import is_real
 
 __all__ = ["configure_optimizers", "fit_length", "module_lr", "with_schedule"]
@@ -64,16 +64,20 @@ def configure_optimizers(
     (attribute or hyper-parameter, :func:`module_lr`) and the fit then calls
     ``configure_optimizers``: an optimizer config without ``lr`` takes the module's; one
     whose ``lr`` differs from it is an error (the suggestion would be lost), so pass
-    ``"lr": self.lr`` or leave ``lr`` out."""
-    config = optimizer_config(optimizer)
+    ``"lr": self.lr`` or leave ``lr`` out.
+
+    ``optimizer`` and ``scheduler`` are specs (taken as they are) or what
+    :func:`~lightning_imex.optimizers.optimizer_spec` and
+    :func:`~lightning_imex.schedules.scheduler_spec` read."""
+    spec = optimizer_spec(optimizer)
     found = module_lr(module)
-    if found is not None and "lr" not in config:
-        config = {**config, "lr": found[1]}
-    elif found is not None and config["lr"] != found[1]:
-        raise ValueError(f"optimizer.lr={config['lr']!r} but the module's {found[0]}={found[1]!r} (where Tuner.lr_find "
-                         f"writes its suggestion): pass the module's, e.g. {{..., 'lr': self.{found[0]}}}, or leave "
-                         f"optimizer.lr out to use it")
-    opt = build_optimizer(module, config, decay_norm_and_bias, no_weight_decay, lr_multipliers)
+    if found is not None and found[1] != spec.lr:
+        if "lr" in spec.kwargs:
+            raise ValueError(f"optimizer.lr={spec.lr!r} but the module's {found[0]}={found[1]!r} (where Tuner.lr_find "
+                             f"writes its suggestion): pass the module's, e.g. {{..., 'lr': self.{found[0]}}}, or "
+                             f"leave optimizer.lr out to use it")
+        spec = spec.with_lr(found[1])
+    opt = build_optimizer(module, spec, decay_norm_and_bias, no_weight_decay, lr_multipliers)
     return with_schedule(module, opt, scheduler)
 
 
@@ -84,10 +88,10 @@ def with_schedule(module: nn.Module, opt: torch.optim.Optimizer, scheduler: Any 
     trainer = attached_trainer(module)
     if trainer is not None:  # fit is starting: settings a multi-gradient step cannot work under fail now
         check_trainer(trainer, opt)
-    config = scheduler_config(scheduler)
-    if config is None:
+    spec = scheduler_spec(scheduler)
+    if spec is None:
         return opt
-    schedule = build_scheduler(opt, config, fit_length(module, config))
+    schedule = build_scheduler(opt, spec, fit_length(module, spec))
     saved = loaded_checkpoint(trainer) if trainer is not None else None
     if isinstance(schedule["scheduler"], WarmupCosine) and saved and saved.get("lr_schedulers"):
         # the plan's checks, before the fit prints its summary (Lightning loads the state later)
@@ -95,7 +99,7 @@ def with_schedule(module: nn.Module, opt: torch.optim.Optimizer, scheduler: Any 
     return {"optimizer": opt, "lr_scheduler": schedule}
 
 
-def fit_length(module: nn.Module, config: Mapping[str, Any]) -> int | None:
+def fit_length(module: nn.Module, spec: SchedulerSpec) -> int | None:
     """Scheduler steps in the attached trainer's fit, if known. Under ``fast_dev_run`` (a
     smoke test of a few steps) at least the warm-up and one step more: the steps taken
     follow the real run's warm-up rather than one squeezed into the debug fit (and warned
@@ -103,14 +107,14 @@ def fit_length(module: nn.Module, config: Mapping[str, Any]) -> int | None:
     trainer = attached_trainer(module)
     if trainer is None:
         return None
-    if config["interval"] == "epoch":
+    if spec.interval == "epoch":
         total = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
     else:
         total = trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else None
     if total is None:
         return None
-    total = max(1, total // config["frequency"])
+    total = max(1, total // spec.frequency)
     if trainer.fast_dev_run:
-        total = max(total, int(config.get("warmup_steps") or 0) + 1)
+        total = max(total, int(spec.kwargs.get("warmup_steps") or 0) + 1)
     return total

@@ -18,9 +18,9 @@ from .clipping import GradientClipping, SkipStep, clip_gradients
 from .factory import configure_optimizers, with_schedule
 from .multigradient import (OptimizerSnapshot, RandomState, check_trainer, gradient_evaluation, requires_closure,
                             step_calls)
-from .optimizers import build_optimizer, check_group_options, optimizer_config, optimizer_lr
+from .optimizers import OptimizerSpec, build_optimizer, check_group_options, optimizer_spec
 from .plain import to_plain
-from .schedules import scheduler_config
+from .schedules import scheduler_spec
 
 __all__ = ["IMEXModule"]
 
@@ -46,12 +46,18 @@ class IMEXModule(L.LightningModule):
                    clipping={"algorithm": "norm", "threshold": 1.0})
 
     Args:
-        optimizer: a registry name, an optimizer class, a Hydra partial or a config
-            mapping (:func:`~lightning_imex.optimizers.optimizer_config`).
-        scheduler: ``None`` or a schedule config (:func:`~lightning_imex.schedules.scheduler_config`).
+        optimizer: an :class:`~lightning_imex.optimizers.OptimizerSpec`, a registry name,
+            an optimizer class, a Hydra partial or a config mapping
+            (:func:`~lightning_imex.optimizers.optimizer_spec`).
+        scheduler: ``None``, a :class:`~lightning_imex.schedules.SchedulerSpec` or a
+            schedule config (:func:`~lightning_imex.schedules.scheduler_spec`).
         clipping: a :class:`~lightning_imex.clipping.GradientClipping` or a mapping of
             its fields; ``None`` clips nothing (unless the Trainer's
             ``gradient_clip_val`` is set) and raises on non-finite gradients.
+
+    Each config is resolved once, here, into its spec (:attr:`optimizer_spec`,
+    :attr:`scheduler_spec`, :attr:`clipping`; a spec is kept as it is), which the fit
+    uses as it is.
         decay_norm_and_bias, no_weight_decay, lr_multipliers: parameter groups
             (:func:`~lightning_imex.optimizers.parameter_groups`).
 
@@ -62,7 +68,8 @@ class IMEXModule(L.LightningModule):
     keep only the first's updates; this class adds ``torch.optim.LBFGS`` to that and the
     ``clipping.nonfinite="skip"`` policy (a skipped step moves neither the parameters,
     the optimizer state, the LR schedule nor ``ModelEMA``). ``save_hyperparameters``
-    stores configs as plain containers, so checkpoints load with ``weights_only=True``;
+    stores the specs' plain forms and every other value as plain containers, so
+    checkpoints load with ``weights_only=True``;
     they also carry the random generators' states, restored when a resumed fit's
     training starts (dropout draws what the uninterrupted fit drew, as long as the
     DataLoaders have their own ``generator``). A resumed fit also gets its training
@@ -82,8 +89,8 @@ class IMEXModule(L.LightningModule):
         lr_multipliers: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
-        self.optimizer_config = optimizer_config(optimizer)
-        self.scheduler_config = scheduler_config(scheduler)
+        self.optimizer_spec = optimizer_spec(optimizer)
+        self.scheduler_spec = scheduler_spec(scheduler)
         self.clipping = GradientClipping.from_config(clipping)
         no_weight_decay, lr_multipliers = (to_plain(no_weight_decay, "no_weight_decay"),
                                            to_plain(lr_multipliers, "lr_multipliers"))
@@ -95,8 +102,8 @@ class IMEXModule(L.LightningModule):
         # do not advance either (Lightning's global_step does)
         self.last_step_skipped = False
         self._resumed_random_state: RandomState | None = None
-        # (config, optimizer) built by checked_optimizer(), for the fit's configure_optimizers
-        self._checked: tuple[dict[str, Any], torch.optim.Optimizer] | None = None
+        # (spec, optimizer) built by checked_optimizer(), for the fit's configure_optimizers
+        self._checked: tuple[OptimizerSpec, torch.optim.Optimizer] | None = None
 
     @property
     def lr(self) -> float:
@@ -104,13 +111,13 @@ class IMEXModule(L.LightningModule):
         ``Tuner.lr_find`` finds it here (Lightning looks for ``lr`` on the module) and
         writes its suggestion here: the fit's ``configure_optimizers`` builds the
         optimizer with it, and the saved ``optimizer`` hyper-parameter keeps it."""
-        return optimizer_lr(self.optimizer_config)
+        return self.optimizer_spec.lr
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.optimizer_config = optimizer_config({**self.optimizer_config, "lr": value})
+        self.optimizer_spec = self.optimizer_spec.with_lr(value)
         if "optimizer" in self.hparams:  # what load_from_checkpoint rebuilds the module with
-            self.hparams["optimizer"] = dict(self.optimizer_config)
+            self.hparams["optimizer"] = self.optimizer_spec.plain()
 
     @property
     def gradient_evaluation(self) -> int:
@@ -119,11 +126,16 @@ class IMEXModule(L.LightningModule):
 
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
                              logger: bool = True) -> None:
-        """Lightning's, then every value made plain (:func:`~lightning_imex.plain.to_plain`):
-        an unstorable one is an error now rather than at the first checkpoint."""
+        """Lightning's, with the optimizer, scheduler and clipping as their specs' plain
+        forms (what ``__init__`` resolved, not the values given) and every other value
+        made plain (:func:`~lightning_imex.plain.to_plain`): an unstorable one is an error
+        now rather than at the first checkpoint."""
         frame = frame if frame is not None else inspect.currentframe().f_back
         super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
-        self._hparams = AttributeDict(to_plain(dict(self._hparams), "hyper-parameter"))
+        specs = {"optimizer": self.optimizer_spec.plain(), "clipping": to_plain(self.clipping),
+                 "scheduler": self.scheduler_spec.plain() if self.scheduler_spec is not None else None}
+        hparams = {key: specs[key] if key in specs else value for key, value in self._hparams.items()}
+        self._hparams = AttributeDict(to_plain(hparams, "hyper-parameter"))
         self._hparams_initial = copy.deepcopy(self._hparams)
 
     def checked_optimizer(self) -> torch.optim.Optimizer:
@@ -131,9 +143,12 @@ class IMEXModule(L.LightningModule):
         checkpoint's state, loaded into it) can be checked before the fit starts. That
         fit's :meth:`configure_optimizers` takes it rather than building another, unless
         the optimizer config (``lr``, which ``Tuner.lr_find`` sets) or the parameters (a
-        sharding strategy replaces them) have changed since; either way only once."""
-        optimizer = build_optimizer(self, self.optimizer_config, **self.param_group_config)
-        self._checked = (self.optimizer_config, optimizer)
+        sharding strategy replaces them) have changed since; either way only once. Asked
+        again before the fit, it answers the one it built."""
+        if self._checked is not None and self._checked[0] is self.optimizer_spec and _optimizes(self._checked[1], self):
+            return self._checked[1]
+        optimizer = build_optimizer(self, self.optimizer_spec, **self.param_group_config)
+        self._checked = (self.optimizer_spec, optimizer)
         return optimizer
 
     def configure_optimizers(self) -> Any:
@@ -141,9 +156,9 @@ class IMEXModule(L.LightningModule):
         if trainer is not None:  # both clipping settings given is an error before any work
             self.clipping.with_trainer(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         checked, self._checked = self._checked, None
-        if checked is not None and checked[0] is self.optimizer_config and _optimizes(checked[1], self):
-            return with_schedule(self, checked[1], self.scheduler_config)
-        return configure_optimizers(self, self.optimizer_config, self.scheduler_config, **self.param_group_config)
+        if checked is not None and checked[0] is self.optimizer_spec and _optimizes(checked[1], self):
+            return with_schedule(self, checked[1], self.scheduler_spec)
+        return configure_optimizers(self, self.optimizer_spec, self.scheduler_spec, **self.param_group_config)
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy (ddp_spawn's workers, deepcopy) builds its own optimizer

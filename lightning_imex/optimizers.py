@@ -1,10 +1,13 @@
 """An optimizer from a config: a registry name, an optimizer class, a Hydra partial or a
-mapping, normalised to a plain ``{"name" | "_target_": ..., **kwargs}``
-(:func:`optimizer_config`), built over parameter groups (no weight decay for biases,
-normalisation layers and 1-D parameters; learning-rate multipliers by name pattern)."""
+mapping, resolved once into an :class:`OptimizerSpec` (:func:`optimizer_spec`: the class and
+its checked keyword arguments) that everything downstream takes as it is, built over
+parameter groups (no weight decay for biases, normalisation layers and 1-D parameters;
+learning-rate multipliers by name pattern)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
 import inspect
 from collections.abc import Mapping, Sequence
@@ -15,50 +18,79 @@ from torch import nn
 
 from .optim import OPTIMIZERS
 from .optim.base import ElementwiseOptimizer, check_state_storage
-from .plain import HYDRA_KEYS, dotted_path, import_path, keyword_names, to_plain
+from .plain import HYDRA_KEYS, ReadOnlyDict, dotted_path, import_path, keyword_names, to_plain
 from .validate import allowed_keywords, boolean, real
 
-__all__ = ["build_optimizer", "check_group_options", "optimizer_class", "optimizer_config", "optimizer_kwargs",
-           "optimizer_lr", "parameter_groups"]
+__all__ = ["OptimizerSpec", "build_optimizer", "check_group_options", "optimizer_spec", "parameter_groups"]
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 
-def optimizer_config(spec: Any) -> dict[str, Any]:
-    """A plain ``{"name": registry name | "_target_": "module.Class", **kwargs}`` from a
-    registry name, an optimizer class, a ``functools.partial`` (Hydra ``_partial_: true``)
-    or a config mapping (dict or OmegaConf, Hydra keys allowed)."""
-    if isinstance(spec, str):
-        spec = {"_target_": spec} if "." in spec else {"name": spec}
-    config = to_plain(spec, "optimizer")
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer config resolved and checked: ``cls(param_groups, **kwargs)`` builds it.
+
+    Checked when made, before any work: ``cls`` is a ``torch.optim.Optimizer``, ``kwargs``
+    are keyword arguments it takes (held as plain values, read-only), and this package's
+    optimizers' state storage (``state_dtype``, ``param_rounding``, ``seed``) is valid.
+    :meth:`plain` is the form a checkpoint stores (it loads with ``weights_only=True``) and
+    :func:`optimizer_spec` reads back."""
+
+    cls: type[torch.optim.Optimizer]
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.cls, type) and issubclass(self.cls, torch.optim.Optimizer)):
+            raise TypeError(f"optimizer._target_ must name a torch.optim.Optimizer subclass, got {self.cls!r}")
+        kwargs = to_plain(self.kwargs, "optimizer")
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"optimizer: its keyword arguments must be a mapping, got {self.kwargs!r}")
+        allowed = keyword_names(self.cls, skip=("params",))
+        if allowed is not None:
+            allowed_keywords("optimizer", kwargs, allowed, self.cls.__name__)
+        if issubclass(self.cls, ElementwiseOptimizer):  # how state and parameters are stored ("bfloat16" is a dtype)
+            check_state_storage({k: kwargs[k] for k in ("state_dtype", "param_rounding", "seed") if k in kwargs})
+        object.__setattr__(self, "kwargs", ReadOnlyDict(kwargs))
+
+    @property
+    def name(self) -> str | None:
+        """:attr:`cls`'s name in the registry (``lightning_imex.optim.OPTIMIZERS``), or None."""
+        return next((n for n, c in OPTIMIZERS.items() if c is self.cls), None)
+
+    @property
+    def lr(self) -> Any:
+        """The learning rate it gives: its ``lr``, else the class's default (None if none)."""
+        return self.kwargs["lr"] if "lr" in self.kwargs else _defaults(self.cls).get("lr")
+
+    def with_lr(self, lr: Any) -> OptimizerSpec:
+        """This spec with learning rate ``lr`` (``Tuner.lr_find``'s suggestion)."""
+        return OptimizerSpec(self.cls, {**self.kwargs, "lr": lr})
+
+    def plain(self) -> dict[str, Any]:
+        """``{"name": registry name | "_target_": "module.Class", **kwargs}``, a copy."""
+        head = {"name": self.name} if self.name else {"_target_": dotted_path(self.cls)}
+        return {**head, **copy.deepcopy(dict(self.kwargs))}
+
+
+def optimizer_spec(optimizer: Any) -> OptimizerSpec:
+    """An :class:`OptimizerSpec` from a registry name, ``"module.Class"``, an optimizer
+    class, a ``functools.partial`` (Hydra ``_partial_: true``), a config mapping (dict or
+    OmegaConf: ``{"name": ..., **kwargs}`` or ``{"_target_": ..., **kwargs}``, Hydra's keys
+    allowed) or a spec, which is returned as it is: a config is resolved once."""
+    if isinstance(optimizer, OptimizerSpec):
+        return optimizer
+    if isinstance(optimizer, str):
+        optimizer = {"_target_": optimizer} if "." in optimizer else {"name": optimizer}
+    config = to_plain(optimizer, "optimizer")
     if not isinstance(config, dict):
-        raise TypeError(f"optimizer must be a name, an optimizer class, a partial or a mapping, got {spec!r}")
-    config = {k: v for k, v in config.items() if k not in HYDRA_KEYS}
+        raise TypeError(f"optimizer must be a name, an optimizer class, a partial or a mapping, got {optimizer!r}")
+    kwargs = {k: v for k, v in config.items() if k not in (*HYDRA_KEYS, "name", "_target_")}
     if "_target_" in config:
-        cls = import_path(config.pop("_target_"), "optimizer._target_")
-        name = next((n for n, c in OPTIMIZERS.items() if c is cls), None)
-        config = {"name": name, **config} if name else {"_target_": dotted_path(cls), **config}
-    elif config.get("name") not in OPTIMIZERS:
+        return OptimizerSpec(import_path(config["_target_"], "optimizer._target_"), kwargs)
+    if config.get("name") not in OPTIMIZERS:
         raise ValueError(f"optimizer.name must be one of {sorted(OPTIMIZERS)} (or give '_target_': "
                          f"'module.Class'), got {config.get('name')!r}")
-    cls = optimizer_class(config)  # checks the class and the keyword names before any work
-    if issubclass(cls, ElementwiseOptimizer):  # and how state and parameters are stored ("bfloat16" is a dtype)
-        check_state_storage({k: config[k] for k in ("state_dtype", "param_rounding", "seed") if k in config})
-    return config
-
-
-def optimizer_class(config: Mapping[str, Any]) -> type[torch.optim.Optimizer]:
-    cls = OPTIMIZERS[config["name"]] if "name" in config else import_path(config["_target_"], "optimizer._target_")
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise TypeError(f"optimizer._target_ must name a torch.optim.Optimizer subclass, got {cls!r}")
-    allowed = keyword_names(cls, skip=("params",))
-    if allowed is not None:
-        allowed_keywords("optimizer", optimizer_kwargs(config), allowed, cls.__name__)
-    return cls
-
-
-def optimizer_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("name", "_target_")}
+    return OptimizerSpec(OPTIMIZERS[config["name"]], kwargs)
 
 
 def parameter_groups(
@@ -115,11 +147,6 @@ def _defaults(cls: type) -> dict[str, Any]:
     return {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
 
 
-def optimizer_lr(config: Mapping[str, Any]) -> Any:
-    """The learning rate an :func:`optimizer_config` gives: its ``lr``, else the class's default."""
-    return config["lr"] if "lr" in config else _defaults(optimizer_class(config)).get("lr")
-
-
 def build_optimizer(
     module: nn.Module,
     optimizer: Any,
@@ -127,15 +154,13 @@ def build_optimizer(
     no_weight_decay: Sequence[str] = (),
     lr_multipliers: Mapping[str, float] | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer named by ``optimizer`` (see :func:`optimizer_config`) over the
-    :func:`parameter_groups` of ``module``."""
-    config = optimizer_config(optimizer)
-    cls, kwargs = optimizer_class(config), optimizer_kwargs(config)
-    lr = optimizer_lr(config)
-    if lr is None:
-        raise ValueError(f"optimizer.lr is required by {cls.__name__}")
-    weight_decay = kwargs.get("weight_decay", _defaults(cls).get("weight_decay"))
-    groups = parameter_groups(module, lr, weight_decay, decay_norm_and_bias, no_weight_decay, lr_multipliers)
+    """The optimizer of ``optimizer`` (a spec, or what :func:`optimizer_spec` reads) over
+    the :func:`parameter_groups` of ``module``."""
+    spec = optimizer_spec(optimizer)
+    if spec.lr is None:
+        raise ValueError(f"optimizer.lr is required by {spec.cls.__name__}")
+    weight_decay = spec.kwargs.get("weight_decay", _defaults(spec.cls).get("weight_decay"))
+    groups = parameter_groups(module, spec.lr, weight_decay, decay_norm_and_bias, no_weight_decay, lr_multipliers)
     if not groups:
         raise ValueError(f"{type(module).__name__} has no trainable parameters to optimize")
-    return cls(groups, **kwargs)
+    return spec.cls(groups, **spec.kwargs)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HYDRA_KEYS", "dotted_path", "import_path", "keyword_names", "to_plain"]
+__all__ = ["HYDRA_KEYS", "ReadOnlyDict", "dotted_path", "import_path", "keyword_names", "to_plain"]
 
 HYDRA_KEYS = ("_partial_", "_convert_", "_recursive_")
 
@@ -45,6 +45,20 @@ def to_plain(value: Any, name: str = "value") -> Any:
     raise TypeError(f"{name}: a {type(value).__name__} cannot be stored in a checkpoint that loads with "
                     "weights_only=True; pass numbers, strings, lists or dicts (or leave it out of the "
                     "saved hyper-parameters with save_hyperparameters(ignore=[...]))")
+
+
+class ReadOnlyDict(dict):
+    """A dict that refuses changes: a spec's arguments, checked when it was made, stay
+    what was checked (a changed copy is a new spec, checked again). It copies, pickles
+    and deep-copies as a dict would."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a spec's arguments are read-only: make a new spec with the changed ones")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (dict(self),)
 
 
 def dotted_path(obj: Any) -> str:

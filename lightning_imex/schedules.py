@@ -1,11 +1,13 @@
 """A ``torch.optim.lr_scheduler`` schedule from a config: a name (:data:`SCHEDULERS`,
-or a class of ``torch.optim.lr_scheduler``) or a mapping, normalised to a plain
-``{"name", "interval", "frequency", "monitor", **kwargs}`` (:func:`scheduler_config`) with
-Lightning's ``interval`` / ``frequency`` / ``monitor``; :class:`WarmupCosine`, a warm-up
-and half cosine that a resumed fit keeps or re-plans."""
+or a class of ``torch.optim.lr_scheduler``) or a mapping, resolved once into a
+:class:`SchedulerSpec` (:func:`scheduler_spec`) with Lightning's ``interval`` /
+``frequency`` / ``monitor``; :class:`WarmupCosine`, a warm-up and half cosine that a
+resumed fit keeps or re-plans."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import math
 import warnings
@@ -15,11 +17,10 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler
 
-from .plain import HYDRA_KEYS, keyword_names, to_plain
+from .plain import HYDRA_KEYS, ReadOnlyDict, keyword_names, to_plain
 from .validate import allowed_keywords, choice, integer, is_integer, is_real, real
 
-__all__ = ["SCHEDULERS", "WarmupCosine", "build_scheduler", "scheduler_builder", "scheduler_config",
-           "scheduler_kwargs"]
+__all__ = ["SCHEDULERS", "SchedulerSpec", "WarmupCosine", "build_scheduler", "scheduler_builder", "scheduler_spec"]
 
 
 INTERVALS = ("step", "epoch")
@@ -161,37 +162,71 @@ SCHEDULERS = {
 }
 
 
-def scheduler_config(spec: Any) -> dict[str, Any] | None:
-    """A plain ``{"name": ..., "interval": ..., "frequency": ..., "monitor": ..., **kwargs}``
-    (or ``None``) from a name, a mapping or ``None``/``"none"``; names are
-    :data:`SCHEDULERS` or a class of ``torch.optim.lr_scheduler``."""
-    if spec is None or spec == "none":
-        return None
-    config = to_plain({"name": spec} if isinstance(spec, str) else spec, "scheduler")
+LIGHTNING_KEYS = ("name", "interval", "frequency", "monitor")  # a config's keys that are not the schedule's arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSpec:
+    """A schedule config resolved and checked: the schedule ``name`` (:data:`SCHEDULERS`
+    or a class of ``torch.optim.lr_scheduler``), its keyword arguments (plain values,
+    read-only), and Lightning's ``interval`` (None: the schedule's own), ``frequency`` and
+    ``monitor``. Checked when made: the name, the keyword names, the required ones (a
+    ``warmup_cosine``'s ``total_steps`` defaults to the fit's length) and a monitor for
+    ``plateau``. :meth:`plain` is the form a checkpoint stores."""
+
+    name: str
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    interval: str | None = None
+    frequency: int = 1
+    monitor: str | None = None
+
+    def __post_init__(self) -> None:
+        builder, interval = scheduler_builder(self.name)
+        kwargs = to_plain(self.kwargs, "scheduler")
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"scheduler: its keyword arguments must be a mapping, got {self.kwargs!r}")
+        object.__setattr__(self, "interval", interval if self.interval is None else self.interval)
+        choice("scheduler.interval", self.interval, INTERVALS)
+        integer("scheduler.frequency", self.frequency, 1)
+        if builder in (_plateau, lr_scheduler.ReduceLROnPlateau) and not self.monitor:
+            raise ValueError(f"scheduler.monitor is required by {self.name!r}: the logged metric to watch, "
+                             "e.g. 'val_loss'")
+        allowed = keyword_names(builder, skip=("optimizer",))
+        if allowed is not None:
+            allowed_keywords("scheduler", kwargs, allowed, f"scheduler {self.name!r}")
+        filled = ("optimizer", "total_steps") if builder is WarmupCosine else ("optimizer",)  # total: the fit's
+        for key, parameter in inspect.signature(builder).parameters.items():
+            if parameter.default is parameter.empty and key not in filled and key != "self" and key not in kwargs \
+                    and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                raise ValueError(f"scheduler.{key} is required by {self.name!r}")
+        object.__setattr__(self, "kwargs", ReadOnlyDict(kwargs))
+
+    @property
+    def builder(self) -> Any:
+        """What builds the schedule from the optimizer and :attr:`kwargs`."""
+        return scheduler_builder(self.name)[0]
+
+    def plain(self) -> dict[str, Any]:
+        """``{"name", "interval", "frequency", "monitor", **kwargs}``, a copy."""
+        return {"name": self.name, "interval": self.interval, "frequency": self.frequency, "monitor": self.monitor,
+                **copy.deepcopy(dict(self.kwargs))}
+
+
+def scheduler_spec(scheduler: Any) -> SchedulerSpec | None:
+    """A :class:`SchedulerSpec` (or ``None``: no schedule) from a name, a mapping
+    (``{"name": ..., "interval": ..., "frequency": ..., "monitor": ..., **kwargs}``, dict
+    or OmegaConf), ``None``/``"none"`` or a spec, which is returned as it is: a config is
+    resolved once."""
+    if scheduler is None or isinstance(scheduler, SchedulerSpec) or scheduler == "none":
+        return None if scheduler == "none" else scheduler
+    config = to_plain({"name": scheduler} if isinstance(scheduler, str) else scheduler, "scheduler")
     if not isinstance(config, dict):
-        raise TypeError(f"scheduler must be a name or a mapping, got {spec!r}")
-    config = {k: v for k, v in config.items() if k not in HYDRA_KEYS}
+        raise TypeError(f"scheduler must be a name or a mapping, got {scheduler!r}")
     if config.get("name") is None:
         return None
-    builder, interval = scheduler_builder(config["name"])
-    config.setdefault("interval", interval)
-    config.setdefault("frequency", 1)
-    config.setdefault("monitor", None)
-    choice("scheduler.interval", config["interval"], INTERVALS)
-    integer("scheduler.frequency", config["frequency"], 1)
-    is_plateau = builder in (_plateau, lr_scheduler.ReduceLROnPlateau)
-    if is_plateau and not config["monitor"]:
-        raise ValueError(f"scheduler.monitor is required by {config['name']!r}: the logged metric to watch, "
-                         "e.g. 'val_loss'")
-    allowed = keyword_names(builder, skip=("optimizer",))
-    if allowed is not None:
-        allowed_keywords("scheduler", scheduler_kwargs(config), allowed, f"scheduler {config['name']!r}")
-    filled = ("optimizer", "total_steps") if builder is WarmupCosine else ("optimizer",)  # total: the fit's
-    for key, parameter in inspect.signature(builder).parameters.items():
-        if parameter.default is parameter.empty and key not in filled and key != "self" and key not in config \
-                and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            raise ValueError(f"scheduler.{key} is required by {config['name']!r}")
-    return config
+    lightning = {k: config[k] for k in LIGHTNING_KEYS[1:] if config.get(k) is not None}
+    return SchedulerSpec(config["name"], {k: v for k, v in config.items() if k not in (*HYDRA_KEYS, *LIGHTNING_KEYS)},
+                         **lightning)
 
 
 def scheduler_builder(name: str) -> tuple[Any, str]:
@@ -204,19 +239,15 @@ def scheduler_builder(name: str) -> tuple[Any, str]:
                      f"class name, got {name!r}")
 
 
-def scheduler_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("name", "interval", "frequency", "monitor")}
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any, total_steps: int | None = None) -> dict | None:
-    """Lightning's ``lr_scheduler`` dict for ``scheduler`` (see :func:`scheduler_config`).
-    ``total_steps`` (scheduler steps over the fit) fills ``warmup_cosine``'s when unset."""
-    config = scheduler_config(scheduler)
-    if config is None:
+    """Lightning's ``lr_scheduler`` dict for ``scheduler`` (a spec, or what
+    :func:`scheduler_spec` reads). ``total_steps`` (scheduler steps over the fit) fills
+    ``warmup_cosine``'s when unset."""
+    spec = scheduler_spec(scheduler)
+    if spec is None:
         return None
-    builder, _ = scheduler_builder(config["name"])
-    kwargs = scheduler_kwargs(config)
-    if builder is WarmupCosine and kwargs.get("total_steps") is None:
+    kwargs = dict(spec.kwargs)
+    if spec.builder is WarmupCosine and kwargs.get("total_steps") is None:
         if total_steps is None:
             raise ValueError("scheduler.total_steps is required outside a Trainer (inside one it defaults "
                              "to the fit's length)")
@@ -228,5 +259,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any, total_step
                 warnings.warn(f"scheduler.warmup_steps={warmup} is not shorter than this fit ({total_steps} "
                               f"scheduler steps): warming up over {total_steps - 1}", stacklevel=2)
             kwargs["warmup_steps"] = total_steps - 1
-    return {"scheduler": builder(optimizer, **kwargs), "interval": config["interval"],
-            "frequency": config["frequency"], "monitor": config["monitor"], "name": None}
+    return {"scheduler": spec.builder(optimizer, **kwargs), "interval": spec.interval,
+            "frequency": spec.frequency, "monitor": spec.monitor, "name": None}

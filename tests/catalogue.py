@@ -3,13 +3,14 @@ family, gradient reuse, coupled and decoupled weight decay, maximize, no bias co
 AdaMax, AdaMomentum and both clipping modes of ClippedAdam. A test parametrised over
 :data:`CATALOGUE` covers an optimizer or option added here; tests that need other
 hyper-parameters (a clipping bound that must bite, a learning rate) replace them on top
-(``{**kwargs, "max_update": ...}``)."""
+(``{**kwargs, "max_update": ...}``).
+
+Tests over every built-in tableau draw :func:`every_tableau` (the catalogue's entry where
+it has one by that name); tests over a chosen set draw :func:`configs`."""
 
 from __future__ import annotations
 
-import pytest
-
-from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
+from lightning_imex.optim import TABLEAUX, AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
 
 CATALOGUE = {
     "imex_euler": (IMEXAdam, {"tableau": "euler"}),
@@ -29,4 +30,22 @@ CATALOGUE = {
 def catalogue_params(*names: str) -> list:
     """``pytest.param(cls, kwargs, id=name)`` for ``names`` (every entry if none), for
     ``@pytest.mark.parametrize("cls, kwargs", catalogue_params())``."""
+    import pytest  # here: the scripts the tests run (triton_interpret_run.py) import this module without pytest
+
     return [pytest.param(*CATALOGUE[name], id=name) for name in names or CATALOGUE]
+
+
+def every_tableau() -> dict[str, tuple[type, dict]]:
+    """IMEXAdam on every built-in tableau (``imex_{name}``) and with gradient reuse on each
+    that allows it (``imex_{name}_reuse``, with coupled weight decay): the catalogue's
+    entry where it has one by that name, else the tableau's alone."""
+    family = {f"imex_{name}": (IMEXAdam, {"tableau": name}) for name in TABLEAUX}
+    family.update({f"imex_{name}_reuse": (IMEXAdam, {"tableau": name, "reuse_gradient": True, "weight_decay": 0.01})
+                   for name, tableau in TABLEAUX.items() if tableau.allows_gradient_reuse})
+    return {name: CATALOGUE.get(name, config) for name, config in family.items()}
+
+
+def configs(*names: str) -> dict[str, tuple[type, dict]]:
+    """``name -> (cls, kwargs)`` for ``names``, from :data:`CATALOGUE` and :func:`every_tableau`."""
+    known = {**every_tableau(), **CATALOGUE}
+    return {name: known[name] for name in names}

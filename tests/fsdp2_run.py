@@ -5,21 +5,26 @@ Run by test_fsdp2.py; it starts both ranks itself (forked, so imports are paid o
 
 Both ranks see the same full batch, so FSDP2's averaged gradient, (g + g) / 2, is the
 one-process gradient exactly. Layer sizes do not divide by 2 (uneven shards) and the
-last layer has one output, so rank 1 holds empty shards of its weight and bias.
+last layer has one output, so rank 1 holds empty shards of its weight and bias. The
+configurations with 8-bit and bfloat16 state train a wider model (:func:`make_model`)
+whose two largest weights are quantized in blocks.
 
 OUT.json maps "NAME/fused=BOOL" to {"param": max |FSDP2 - one process| over the full
 parameters (gathered with ``full_tensor``), "local": the same over every rank's local
 shards of the parameters and both optimizer state buffers against the matching slices
-of the one-process run, "moved": max |final - initial| of the one-process run,
-"seconds"}, plus "clip_active" for ClippedAdam(clip="global") and max_grad_norm: whether
-clipping changed the one-process result. A configuration that raised has {"error": traceback} instead;
-fused=True without a C compiler has {"skipped": reason}.
+of the one-process run (8-bit scales: the blocks of the rank's shard), "moved": max
+|final - initial| of the one-process run, "state_dtypes": the dtype of the first moment
+of each weight of two blocks or more, "seconds"}, plus "clip_active" for
+ClippedAdam(clip="global") and max_grad_norm: whether clipping changed the one-process
+result. A configuration that raised has {"error": traceback} instead; fused=True without
+a C compiler has {"skipped": reason}. "shard_offsets" holds :func:`shard_offset_checks`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import sys
@@ -36,6 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam
+from lightning_imex.optim.program import QUANT_BLOCK, quant_blocks
 
 WORLD = 2
 STEPS = 5
@@ -56,12 +62,24 @@ CONFIGS = {
     # the gradient's global norm, over the ranks' shards; eps=0.01 makes the update depend on its scale
     "imex_max_grad_norm": lambda ps, fused: IMEXAdam(ps, lr=0.1, eps=0.01, tableau="trapezoidal", fused=fused,
                                                      max_grad_norm=0.02),
+    # 8-bit moments (on the wide model: weights whose shards are whole quantization blocks)
+    "imex_trapezoidal_8bit": lambda ps, fused: IMEXAdam(ps, lr=0.02, tableau="trapezoidal", state_dtype="8bit",
+                                                        fused=fused),
+    "adamomentum_bf16": lambda ps, fused: AdaMomentum(ps, lr=0.02, state_dtype="bfloat16", fused=fused),
 }
 MIXED = "clipped_global_mixed"
+WIDE = ("imex_trapezoidal_8bit", "adamomentum_bf16")
 
 
-def make_model() -> nn.Module:
+def make_model(wide: bool = False) -> nn.Module:
+    """The network; ``wide``: with a (64, 8) and a (16, 64) weight, whose shards (rows split
+    in two) are 1 and 2 whole blocks of QUANT_BLOCK elements, starting on a block
+    boundary of the whole weight (8-bit state quantizes each shard's blocks: the same
+    blocks as one process then)."""
     torch.manual_seed(0)
+    if wide:
+        return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 16), nn.Tanh(),
+                             nn.Linear(16, 3), nn.Tanh(), nn.Linear(3, 1))
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
 
 
@@ -98,16 +116,28 @@ def local_slice(full: torch.Tensor, like) -> torch.Tensor:
     return full.new_empty(shape)
 
 
-def state_tensors(opt: torch.optim.Optimizer, params) -> list[list[torch.Tensor]]:
-    return [[v for _, v in sorted(opt.state[p].items()) if isinstance(v, torch.Tensor) and v.dim() > 0]
+def local_blocks(full_scales: torch.Tensor, like) -> torch.Tensor:
+    """The scales of full_scales' 8-bit blocks that this rank's shard of the DTensor
+    ``like`` holds (sharded on dim 0, its shard starting on a block boundary)."""
+    (placement,) = like.placements
+    assert placement.dim == 0, placement
+    rank = like.device_mesh.get_local_rank()
+    rows = sum(len(chunk) for chunk in torch.chunk(torch.empty(like.shape[0]), WORLD)[:rank])
+    start = rows * math.prod(like.shape[1:])
+    assert start % QUANT_BLOCK == 0, f"shard of {tuple(like.shape)} starts inside a block, at element {start}"
+    return full_scales[start // QUANT_BLOCK:][:quant_blocks(like.to_local().numel())]
+
+
+def state_tensors(opt: torch.optim.Optimizer, params) -> list[list[tuple[str, torch.Tensor]]]:
+    return [[(k, v) for k, v in sorted(opt.state[p].items()) if isinstance(v, torch.Tensor) and v.dim() > 0]
             for p in params]
 
 
-def run_config(name: str, fused: bool, x, y) -> dict[str, float | bool]:
+def run_config(name: str, fused: bool, x, y) -> dict[str, float | bool | list[str]]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    base = make_model()
+    base = make_model(wide=name in WIDE)
     reference = copy.deepcopy(base)
     initial = [p.detach().clone() for p in base.parameters()]
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -126,7 +156,7 @@ def run_config(name: str, fused: bool, x, y) -> dict[str, float | bool]:
     fsdp_opt = train(sharded, lambda ps: CONFIGS[name](ps, fused), x, y)
     ref_opt = train(reference, lambda ps: CONFIGS[name](ps, fused), x, y)
 
-    local = 0.0
+    local, state_dtypes = 0.0, []
     sharded_params, ref_params = list(sharded.parameters()), list(reference.parameters())
     for p, r, ps, rs in zip(sharded_params, ref_params, state_tensors(fsdp_opt, sharded_params),
                             state_tensors(ref_opt, ref_params)):
@@ -134,19 +164,25 @@ def run_config(name: str, fused: bool, x, y) -> dict[str, float | bool]:
             local = max(local, (p.detach() - r.detach()).abs().max().item())
             continue
         assert type(p).__name__ == "DTensor", type(p)
-        assert len(ps) == len(rs) == 2, (len(ps), len(rs))
-        for a, b in [(p, r), *zip(ps, rs)]:
-            mine, theirs = a.to_local().detach(), local_slice(b.detach(), a)
-            assert mine.shape == theirs.shape, (mine.shape, theirs.shape)
-            if mine.numel():
-                local = max(local, (mine - theirs).abs().max().item())
+        assert [k for k, _ in ps] == [k for k, _ in rs] and len(ps) in (2, 4), ([k for k, _ in ps], [k for k, _ in rs])
+        if p.numel() >= 2 * QUANT_BLOCK:  # the wide model's weights
+            state_dtypes.append(str(ps[0][1].dtype).removeprefix("torch."))
+        for a, b in [(p, r), *((mine, theirs) for (_, mine), (_, theirs) in zip(ps, rs))]:
+            if type(a).__name__ == "DTensor":
+                mine, theirs = a.to_local().detach(), local_slice(b.detach(), a)
+            else:  # 8-bit scales: one per block of this rank's shard
+                mine, theirs = a, local_blocks(b, p)
+            assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, (mine.shape, theirs.shape)
+            if mine.numel():  # (uint8 codes: their difference as numbers)
+                local = max(local, (mine.float() - theirs.float()).abs().max().item())
     worst = torch.tensor([local], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
 
     full = max(((p.full_tensor() if hasattr(p, "full_tensor") else p).detach() - r.detach()).abs().max().item()
                for p, r in zip(sharded_params, ref_params))
     moved = max((r.detach() - i).abs().max().item() for r, i in zip(ref_params, initial))
-    result: dict[str, float | bool] = {"param": full, "local": worst.item(), "moved": moved}
+    result: dict[str, float | bool | list[str]] = {"param": full, "local": worst.item(), "moved": moved,
+                                                   "state_dtypes": state_dtypes}
     if name.startswith("clipped_global"):
         unclipped = copy.deepcopy(make_model())
         train(unclipped, lambda ps: ClippedAdam(ps, lr=0.02, clip="global", max_update=1e9, fused=fused), x, y)
@@ -159,6 +195,43 @@ def run_config(name: str, fused: bool, x, y) -> dict[str, float | bool]:
         result["clip_active"] = max((u.detach() - r.detach()).abs().max().item()
                                     for u, r in zip(unclipped.parameters(), ref_params)) > 1e-3
     return result
+
+
+def shard_offset_checks() -> dict[str, bool | str]:
+    """kernel.shard_offset on this rank: for tensors holding each element's offset in the
+    whole tensor, sharded on dim 0 (uneven rows, an empty shard, channels_last, a 2-D mesh
+    sharding dim 0 twice or replicating it), it is the first local element's value; a
+    column shard is refused by an optimizer with bfloat16 state, before the parameter moves."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from lightning_imex.optim.kernel import shard_offset
+
+    line, flat = init_device_mesh("cpu", (WORLD,)), init_device_mesh("cpu", (1, WORLD))
+    cases = [((5, 3), line, [Shard(0)]), ((1, 3), line, [Shard(0)]), ((7, 2), flat, [Shard(0), Shard(0)]),
+             ((7, 2), flat, [Replicate(), Shard(0)]), ((3, 2, 2, 2), line, [Shard(0)])]
+    offsets_match = True
+    for shape, mesh, placements in cases:
+        full = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+        if len(shape) == 4:
+            full = full.contiguous(memory_format=torch.channels_last)
+        local = distribute_tensor(full, mesh, placements)
+        first = local.to_local()
+        # channels_last: an element's value is its row-major offset, the first row's too
+        expected = first.flatten()[0].item() if first.numel() else None
+        offsets_match &= expected is None or shard_offset(local) == expected
+    p = nn.Parameter(distribute_tensor(torch.randn(4, 4), line, [Shard(1)]))
+    p.grad = torch.ones_like(p)
+    before = p.detach().to_local().clone()
+    try:
+        AdaMomentum([p], lr=0.1, state_dtype="bfloat16").step()
+        refusal = ""
+    except ValueError as error:
+        refusal = str(error)
+    every_rank = torch.tensor([int(offsets_match)])
+    dist.all_reduce(every_rank, op=dist.ReduceOp.MIN)
+    return {"offsets_match": bool(every_rank.item()), "refusal": refusal,
+            "unchanged": bool(torch.equal(p.detach().to_local(), before))}
 
 
 def compiled_available() -> str | None:
@@ -190,6 +263,7 @@ def worker(rank: int, port: int, out: str) -> None:
                 except Exception as error:  # noqa: BLE001  (recorded: one broken path does not hide the others)
                     results[key] = {"error": f"rank {rank}: {traceback.format_exc()[-4000:]}"}
                     print(f"{key}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        results["shard_offsets"] = shard_offset_checks()
         if rank == 0:
             Path(out).write_text(json.dumps(results, indent=1))
     finally:

@@ -17,14 +17,18 @@ auto| over the exported EMA weights, which loaded into the plain model; ``ema_ra
 sharded phase and rank: ``collectives``, those called inside ``EMA.update`` (``calls``),
 the updates and whether they averaged shards, and (fits) ``root_swap``, the swap of a
 root unit that holds weights (:func:`swap_a_gathered_root`); the exit codes of every
-phase (the killed ranks': -9)."""
+phase (the killed ranks': -9). And ``lightning-imex-compare`` on the tiny recipe
+:data:`COMPARE` under ``strategy=fsdp_cpu`` and ``strategy=auto`` on the same global batch,
+into ``OUT_DIR/compare/STRATEGY`` (:func:`run_compare`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
+from fork_runner import run_app  # noqa: E402  (tests/, this script's folder)
 from lightning_imex import train as app  # noqa: E402
 from lightning_imex.ema import EMA  # noqa: E402
 from lightning_imex.sharding import consolidate, shard_blocks  # noqa: E402
@@ -66,6 +71,14 @@ RESUMED = "imex_trapezoidal"  # the configuration killed and resumed
 WITH_EMA = RESUMED  # the configuration with the app's ModelEMA on (validation on the EMA), exported here:
 EMA_EXPORT = "ema.pt"
 MP_STEPS, MP_EVERY, MP_BATCH = 6, 3, 16  # ModelEMA under Lightning's plain ModelParallelStrategy
+# lightning-imex-compare's recipe (JSON is YAML): the fits' data and network, 8 gradient evaluations a
+# run (Adam: 8 steps, trapezoidal: 4), validated twice
+COMPARE = {"claim": "a claim", "paper": "a paper", "scale": "tiny", "budget": 8, "seeds": 1, "validations": 2,
+           "overrides": [*COMMON[:3], "~callbacks.ema", "scheduler=constant"],
+           "optimizers": {"adam": {"overrides": ["optimizer=adam"], "lr": 0.01},
+                          "imex_trapezoidal": {"overrides": ["optimizer=imex_trapezoidal"], "lr": 0.01}}}
+COMPARED_STRATEGIES = ("auto", "fsdp_cpu")
+RUN = subprocess.run  # the compare runner's, replaced in the sharded compare's process (command_in_ranks)
 
 
 def config(name: str, folder: Path, sharded: bool, *extra: str):
@@ -221,9 +234,14 @@ def swap_a_gathered_root() -> dict:
         return {"ema": (on_ema - plain(x)).abs().max().item(), "raw": (after - raw).abs().max().item()}
 
 
+def rank_environment(rank: int, port: int) -> dict[str, str]:
+    """A rank's environment as torchrun sets it: Lightning then launches no process."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
+
+
 def run_rank(rank: int, port: int, out: Path, phase: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    os.environ.update(rank_environment(rank, port))
     collectives = count_collectives_in_ema_updates()
     results = {}
     if phase == "fits":
@@ -279,6 +297,46 @@ def run_consolidated(out: Path) -> None:
     (out / "consolidated.json").write_text(json.dumps(results))
 
 
+def run_compare(out: Path, strategy: str) -> None:
+    """``lightning-imex-compare RECIPE strategy=STRATEGY`` (its entry point, ``main``) on
+    :data:`COMPARE` with the fits' global batch, into ``out/compare/STRATEGY``. A sharded
+    run is the app's command, which the runner starts with ``subprocess.run``: here its
+    ranks are forked from this process (:func:`command_in_ranks`) instead of each
+    interpreter importing everything again, as torchrun would start them."""
+    from lightning_imex.compare import main as compare_command
+
+    recipe = out / "compare.yaml"
+    recipe.write_text(json.dumps(COMPARE))
+    batch = GLOBAL_BATCH // WORLD if strategy != "auto" else GLOBAL_BATCH
+    if strategy != "auto":
+        subprocess.run = command_in_ranks  # this forked process's own
+    compare_command([str(recipe), f"strategy={strategy}", f"dataset.batch_size={batch}", "--jobs", "1",
+                     "--threads", "1", "--out", str(out / "compare" / strategy)])
+
+
+def command_in_ranks(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for the compare runner: its ``python -m lightning_imex.train
+    ARGS`` as the console script in WORLD forked ranks (``fork_runner.run_app``), their
+    output into the runner's log (``stdout``); the first non-zero exit code. Any other
+    command runs as ``subprocess.run`` runs it."""
+    if list(command[:3]) != [sys.executable, "-m", "lightning_imex.train"]:
+        return RUN(command, **kwargs)
+    port, context = free_port(), mp.get_context("fork")
+    with tempfile.TemporaryDirectory() as scratch:
+        outputs = [Path(scratch) / f"rank{rank}.{stream}" for rank in range(WORLD) for stream in ("out", "err")]
+        processes = [context.Process(target=run_app, args=({
+            "cwd": os.getcwd(), "argv": ["lightning-imex-train", *command[3:]], "stdout": str(outputs[2 * rank]),
+            "stderr": str(outputs[2 * rank + 1]), "env": {**os.environ, **rank_environment(rank, port)}},))
+            for rank in range(WORLD)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        kwargs["stdout"].write("".join(path.read_text(errors="replace") for path in outputs if path.exists()))
+    kwargs["stdout"].flush()
+    return subprocess.CompletedProcess(command, next((p.exitcode for p in processes if p.exitcode), 0))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -305,8 +363,11 @@ def in_ranks(out: Path, phase: str) -> list[int]:
 
 
 def main(out: Path) -> None:
-    import torch.distributed.fsdp  # noqa: F401  (imported once, before the forks)
+    import matplotlib.pyplot  # noqa: F401  (imported once, before the forks; the compare's plots)
+    import torch.distributed.fsdp  # noqa: F401
     import torch.distributed.tensor  # noqa: F401
+
+    from lightning_imex.compare import report, runner  # noqa: F401
 
     app.quiet()
     torch.set_num_threads(1)
@@ -316,6 +377,7 @@ def main(out: Path) -> None:
     results["kill_exit"] = in_ranks(out, "kill")
     results["resume_exit"] = in_ranks(out, "resume")
     results["consolidated_exit"] = in_process(run_consolidated, out)
+    results["compare_exit"] = {strategy: in_process(run_compare, out, strategy) for strategy in COMPARED_STRATEGIES}
     for phase in ("auto", "fits", "resume", "consolidated"):
         path = out / f"{phase}.json"
         results[phase] = json.loads(path.read_text()) if path.exists() else None

@@ -111,29 +111,36 @@ LIGHTNING_FREE = """
 import sys
 from hydra.core.global_hydra import GlobalHydra
 from lightning_imex.app.cli import main
-for argv in (["--help"], ["optimizer=nope"], ["model.nope=1"]):
+from lightning_imex.compare import main as compare
+for argv, command in ((["--help"], None), (["optimizer=nope"], None), (["model.nope=1"], None),
+                      (["imex_spirals", "dataset=nope"], compare), (["imex_spirals", "model.nope=1"], compare)):
     sys.argv = ["lightning-imex-train", *argv]
     try:
-        main()
+        command(argv) if command else main()
     except SystemExit as exit:
-        print(argv[0], exit.code, flush=True)
+        print(argv[-1], exit.code, flush=True)
     GlobalHydra.instance().clear()
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning"))
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning", "pytorch_lightning"))
     assert not loaded, (argv, loaded[:5])
 """
 
 
-@pytest.mark.slow  # one process (torch's import)
+@pytest.mark.slow  # one process
 def test_help_and_a_bad_override_answer_without_importing_lightning(tmp_path):
-    # the console script's path: seconds faster than importing Lightning
+    # the console scripts' path, the train and the compare command's: without Lightning and torch, seconds faster
     result = subprocess.run([sys.executable, "-c", LIGHTNING_FREE], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("lightning-imex-train: trains a network")
-    assert result.stdout.splitlines()[-3:] == ["--help 0", "optimizer=nope 1", "model.nope=1 1"]
+    assert result.stdout.splitlines()[-5:] == ["--help 0", "optimizer=nope 1", "model.nope=1 1", "dataset=nope 2",
+                                               "model.nope=1 2"]
+    model_keys = ("no such key in model; model has: name, hidden, activation, dropout, batch_norm (to add one: "
+                  "+model.nope=1)")
     assert result.stderr.splitlines() == [
         "lightning-imex-train: error: optimizer=nope: no such optimizer config; available: adagrad, adam, adamax, "
         "adamomentum, adamw, clipped_adam, imex_ars222, imex_ars343, imex_euler, imex_ssp3_433, imex_trapezoidal, "
         "imex_trapezoidal_pc, imex_trapezoidal_reuse, sgd",
-        "lightning-imex-train: error: model.nope: no such key in model; model has: name, hidden, activation, dropout, "
-        "batch_norm (to add one: +model.nope=1)"]
+        f"lightning-imex-train: error: model.nope: {model_keys}",
+        "lightning-imex-compare: error: dataset=nope: no such dataset config; available: cifar10, diabetes, digits, "
+        "gaussians, lorenz63, mnist, mnist1d, ptb, pydoc_topics, spirals",
+        f"lightning-imex-compare: error: model.nope: {model_keys}"]

@@ -51,7 +51,7 @@ def test_help_list_and_a_workers_set_up_do_not_import_lightning():
 def test_the_time_estimate_is_runs_over_jobs_times_the_measured_cost():
     recipe = load_recipe("imex_spirals")
     assert estimated_seconds(recipe, 4) == pytest.approx(
-        math.ceil(27 / 4) * 3000 * SECONDS_PER_EVALUATION["imex_spirals"] * FIT_OVER_TRAIN)
+        math.ceil(36 / 4) * 3000 * SECONDS_PER_EVALUATION["imex_spirals"] * FIT_OVER_TRAIN)
     assert estimated_seconds(load_recipe("imex_mnist"), 4) is None
 
 

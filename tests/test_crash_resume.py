@@ -1,8 +1,9 @@
 """The app SIGKILLed at seeded random steps and resumed from ``last.ckpt`` ends bit for bit
 where an uninterrupted run ends: weights, EMA, optimizer state (reuse_gradient's pending
-sums included), LR schedule, random generators, the loader's place in the data, and
-Lightning's counters (global step, epoch, batches, the loops' progress). And a kill while
-a checkpoint is being written leaves the previous ``last.ckpt`` loadable.
+sums included; moments in bfloat16, rounded stochastically), LR schedule, random
+generators, the loader's place in the data, and Lightning's counters (global step, epoch,
+batches, the loops' progress). And a kill while a checkpoint is being written leaves the
+previous ``last.ckpt`` loadable.
 
 Every run is the app's entry point in a process of its own, forked from a server that
 has imported it already (``fork_runner``: a run takes about 2 s instead of 8)."""
@@ -29,8 +30,12 @@ BY_EPOCHS = ("trainer.max_steps=-1", f"trainer.max_epochs={STEPS // STEPS_PER_EP
 # batch (before its validation and on_train_epoch_end); without it, ModelCheckpoint's
 # default: one at every epoch's end (on_train_epoch_end)
 EVERY_STEPS = (f"+callbacks.checkpoint.every_n_train_steps={EVERY}",)
+BF16_STATE = "trapezoidal_bf16_state"
 CONFIGS = {
-    "trapezoidal": ("optimizer=imex_trapezoidal", *BY_STEPS, *EVERY_STEPS),
+    # the moments in bfloat16, every store rounded stochastically with bits keyed by the seed and
+    # the step: a resume repeats the rounding only if both come back with the state (float32
+    # state: the other configurations)
+    BF16_STATE: ("optimizer=imex_trapezoidal", "optimizer.state_dtype=bfloat16", *BY_STEPS, *EVERY_STEPS),
     "trapezoidal_reuse": ("optimizer=imex_trapezoidal_reuse", *BY_STEPS, *EVERY_STEPS),
     "adamomentum": ("optimizer=adamomentum", *BY_STEPS, *EVERY_STEPS),
     "clipped_adam_ema_optimizer": ("optimizer=clipped_adam", "callbacks.ema.decay=optimizer", *BY_STEPS,
@@ -132,6 +137,8 @@ def test_killed_and_resumed_runs_end_bit_identical(app, tmp_path):
     for name in CONFIGS:
         straight = straights[name].result()
         assert straight["global_step"] == STEPS and straight["epoch"] == STEPS // STEPS_PER_EPOCH - 1
+    moments = straights[BF16_STATE].result()["optimizer_states"][0]["state"].values()
+    assert {state[key].dtype for state in moments for key in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
     assert_all_same({f"{name} killed at {kill_steps(name)}": (straights[name].result(), chains[name].result())
                      for name in CONFIGS})
 

@@ -371,16 +371,16 @@ def test_ddp_spawn_ranks_hold_identical_emas(tmp_path):
 
 
 def test_sharded_strategies_it_cannot_follow_are_refused_in_one_line():
-    """FSDP1's flat parameters, and a ModelParallelStrategy that gathers its checkpoints into
-    one file (which would not hold the EMA's shards); FSDP2Strategy and Lightning's own
-    ModelParallelStrategy with sharded checkpoints pass the check (the latter's fit and
-    resume: tests/test_fsdp_app.py::test_model_ema_under_lightnings_own_model_parallel_strategy)."""
+    """A ModelParallelStrategy that gathers its checkpoints into one file (which would not
+    hold the EMA's shards); FSDP2Strategy, Lightning's own ModelParallelStrategy with sharded
+    checkpoints and FSDPStrategy pass the check (their fits and resumes:
+    tests/test_fsdp_app.py::test_model_ema_under_lightnings_own_model_parallel_strategy,
+    tests/test_ema_fsdp1.py)."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     from lightning_imex.sharding import FSDP2Strategy
 
-    for strategy, match in ((object.__new__(FSDPStrategy), "does not average FSDPStrategy's sharded weights"),
-                            (ModelParallelStrategy(save_distributed_checkpoint=False),
+    for strategy, match in ((ModelParallelStrategy(save_distributed_checkpoint=False),
                              "ModelEMA under ModelParallelStrategy needs save_distributed_checkpoint=True"),
                             (FSDP2Strategy(save_distributed_checkpoint=False),
                              "ModelEMA under FSDP2Strategy needs save_distributed_checkpoint=True")):
@@ -389,6 +389,7 @@ def test_sharded_strategies_it_cannot_follow_are_refused_in_one_line():
         assert "\n" not in str(error.value)
     ModelEMA.check_strategy(FSDP2Strategy())
     ModelEMA.check_strategy(ModelParallelStrategy())
+    ModelEMA.check_strategy(FSDPStrategy())
 
 
 # ------------------------------------------------------------------ arguments

@@ -14,7 +14,7 @@ from lit import Classifier, column, loader, logged_rows, trainer
 from omegaconf import OmegaConf
 from torch import nn
 
-from lightning_imex.optimizers import build_optimizer, optimizer_config, parameter_groups
+from lightning_imex.optimizers import OptimizerSpec, build_optimizer, optimizer_spec, parameter_groups
 from lightning_imex.schedules import WarmupCosine, build_scheduler
 from lightning_imex.optim import IMEXAdam
 
@@ -69,7 +69,8 @@ def test_group_errors_name_the_field(kwargs, match):
 
 def test_optimizer_specs_agree():
     """A name + kwargs, a Hydra partial, a DictConfig with _target_, a functools.partial
-    and a class all give the same optimizer, and normalise to the same plain config."""
+    and a class all give the same optimizer, and resolve to the same spec (a spec is taken
+    as it is) and plain config."""
     hydra_partial = instantiate(OmegaConf.create(
         {"_target_": "lightning_imex.optim.IMEXAdam", "_partial_": True, "lr": 0.02, "betas": [0.8, 0.99]}))
     specs = [
@@ -79,8 +80,10 @@ def test_optimizer_specs_agree():
                           "betas": [0.8, 0.99]}),
         functools.partial(IMEXAdam, lr=0.02, betas=[0.8, 0.99]),
     ]
-    configs = [optimizer_config(s) for s in specs]
-    assert all(c == configs[0] for c in configs), configs
+    resolved = [optimizer_spec(s) for s in specs]
+    assert all(r == OptimizerSpec(IMEXAdam, {"lr": 0.02, "betas": [0.8, 0.99]}) for r in resolved), resolved
+    assert resolved[0].plain() == {"name": "imex_adam", "lr": 0.02, "betas": [0.8, 0.99]}
+    assert optimizer_spec(resolved[0]) is resolved[0]
     for spec in specs + [IMEXAdam, "imex_adam"]:
         opt = build_optimizer(Net(), spec)
         assert isinstance(opt, IMEXAdam)
@@ -95,7 +98,7 @@ def test_optimizer_specs_agree():
 ])
 def test_bad_optimizer_spec_errors(spec, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        optimizer_config(spec)
+        optimizer_spec(spec)
 
 
 class LrRecorder(L.Callback):
@@ -228,7 +231,7 @@ def test_checkpoint_loads_weights_only_and_resumes_exactly(tmp_path, dropout):
     assert checkpoint["hyper_parameters"]["optimizer"]["lr"] == 0.01
     assert "hparams_type" not in checkpoint
     loaded = Classifier.load_from_checkpoint(path, weights_only=True)
-    assert loaded.optimizer_config == {"name": "imex_adam", "lr": 0.01, "tableau": "trapezoidal"}
+    assert loaded.optimizer_spec.plain() == {"name": "imex_adam", "lr": 0.01, "tableau": "trapezoidal"}
     assert set(checkpoint["random_state"]) >= {"torch", "python", "numpy"}
     assert torch.equal(loaded.state_dict()["net.0.weight"], checkpoint["state_dict"]["net.0.weight"])
     resumed, fit = fit_steps(tmp_path / "resumed", 8, ckpt_path=path, dropout=dropout)

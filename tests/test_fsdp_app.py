@@ -5,7 +5,9 @@ optimizers (IMEX euler, trapezoidal, ssp3_433, AdaMomentum, ClippedAdam global) 
 norm clipping active, each fitted sharded and in one process on the same global batch;
 a sharded fit SIGKILLed and resumed from its checkpoint folder, with the app's ModelEMA
 on (each rank averaging its shards); the consolidated checkpoint tested in the plain
-model. The fast ones check the one-line errors."""
+model; ``lightning-imex-compare`` on a tiny recipe under ``strategy=fsdp_cpu`` and
+``strategy=auto`` (its sharded runs forked as ranks: about 10 s more). The fast ones
+check the one-line errors."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from test_crash_resume import assert_same, compared
 from test_fsdp2 import fsdp2_unavailable
 
-from fsdp_app_run import CONFIGS, MP_STEPS, RESUMED, STEPS, WITH_EMA
+from fsdp_app_run import COMPARE, COMPARED_STRATEGIES, CONFIGS, MP_STEPS, RESUMED, STEPS, WITH_EMA
 
 SCRIPT = Path(__file__).with_name("fsdp_app_run.py")
 TOLERANCE = 1e-6
@@ -164,6 +166,51 @@ def test_fsdp_fit_keeps_the_initial_weights_digest(run):
         "initial_weights"]
 
 
+@pytest.mark.slow
+def test_a_compare_recipe_runs_sharded_and_its_fairness_checks_pass(run):
+    """``lightning-imex-compare RECIPE strategy=fsdp_cpu``: each run a sharded fit (its
+    checkpoint a folder) whose cost and digests the runner reads back from it; the
+    fairness check passes (same initial weights, same batches for both optimizers), the
+    initial weights' digest is the one-process compare's (the whole weights, gathered),
+    and every number but time and the per-rank training loss is the one-process
+    compare's on the same global batch: what each run logged and the results table."""
+    out, results = run
+    assert results["compare_exit"] == dict.fromkeys(COMPARED_STRATEGIES, 0), results["compare_exit"]
+    sharded, plain = (out / "compare" / strategy for strategy in ("fsdp_cpu", "auto"))
+
+    def run_folder(compare: Path, label: str) -> Path:  # the recipe's one learning rate and seed
+        return compare / "runs" / label / f"lr_{COMPARE['optimizers'][label]['lr']:g}" / "seed_0"
+
+    records = {}
+    for compare in (sharded, plain):
+        assert json.loads((compare / "compare.json").read_text())["fairness"].startswith("Fairness (checked)")
+        records[compare] = {label: json.loads((run_folder(compare, label) / "run.json").read_text())
+                            for label in COMPARE["optimizers"]}
+    digests = [record["batch_digests"] for record in records[sharded].values()]
+    common = min(map(len, digests))
+    assert common > 0 and len({tuple(batches[:common]) for batches in digests}) == 1
+    assert len({record["initial_weights"] for record in records[sharded].values()}) == 1
+    for label, record in records[sharded].items():
+        reference = records[plain][label]
+        assert (run_folder(sharded, label) / "command.log").is_file(), f"{label}: not run as the app's command"
+        assert (run_folder(sharded, label) / "checkpoints" / "last.ckpt").is_dir(), f"{label}: not a sharded fit"
+        assert record["initial_weights"] == reference["initial_weights"], f"{label}: other initial weights"
+        for key in ("steps", "gradient_evaluations"):
+            assert record[key] == reference[key] and record[key] > 0, f"{label}: {key}"
+        rows, reference_rows = logged(run_folder(sharded, label)), logged(run_folder(plain, label))
+        assert [sorted(row) for row in rows] == [sorted(row) for row in reference_rows]
+        assert any("val/acc" in row for row in rows) and any("test/acc" in row for row in rows)
+        for row, expected in zip(rows, reference_rows):
+            for key, value in expected.items():
+                assert row[key] == pytest.approx(value, rel=1e-5, abs=TOLERANCE), f"{label}: {key} at {row['step']}"
+    table, reference_table = (list(csv.DictReader((compare / "results.csv").read_text().splitlines()))
+                              for compare in (sharded, plain))
+    same = ("optimizer", "lr", "selected", "seed", "steps", "gradient_evaluations", "metric", "diverged")
+    assert [[row[k] for k in same] for row in table] == [[row[k] for k in same] for row in reference_table]
+    for row, expected in zip(table, reference_table):
+        assert float(row["metric_value"]) == pytest.approx(float(expected["metric_value"]), abs=TOLERANCE)
+
+
 # ------------------------------------------------------------------ fast: one-line errors, no process started
 
 
@@ -236,19 +283,6 @@ def test_consolidate_command_refuses_a_folder_that_is_no_checkpoint(tmp_path, ca
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert "not a sharded checkpoint folder" in err and err.count("\n") == 1
-
-
-def test_compare_plans_sharded_runs_as_commands(tmp_path):
-    """``lightning-imex-compare RECIPE strategy=fsdp_cpu``: the runs plan with the app's
-    checks, each to run as the app's command (Lightning starts its processes)."""
-    from test_compare import TWO, tiny_recipe
-
-    from lightning_imex.compare.recipe import load_recipe
-    from lightning_imex.compare.runner import _own_processes, plan_runs
-
-    runs = plan_runs(load_recipe(str(tiny_recipe(tmp_path, TWO, seeds=1))), tmp_path / "out", ["strategy=fsdp_cpu"])
-    assert len(runs) == 2 and all(_own_processes(run.config) for run in runs)
-    assert all("strategy=fsdp_cpu" in run.overrides for run in runs)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process writes it: intended

@@ -13,18 +13,20 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_imex.optimizers import optimizer_config
+from lightning_imex.optimizers import optimizer_spec
 from lightning_imex.optim import IMEXAdam
 from lightning_imex.optim.base import KAHAN_STATE
 from lightning_imex.optim.imex_adam import PositivityWarning
 from bitwise import assert_same_bits, triton_check
+from teacher import regression_fit
 from test_state_dtype import CONFIGS
 
 # Each optimizer, IMEX plans of one event and of several (with parameter scratch, with gradient
 # reuse), both roundings, with bfloat16 state (more stochastic stores in one kernel) on some.
 CASES = [
-    ("euler", "kahan", None), ("euler", "stochastic", torch.bfloat16), ("ssp3_433", "kahan", torch.bfloat16),
-    ("ssp3_433", "stochastic", None), ("trapezoidal_reuse", "stochastic", None), ("ars343_reuse", "kahan", None),
+    ("imex_euler", "kahan", None), ("imex_euler", "stochastic", torch.bfloat16),
+    ("imex_ssp3_433", "kahan", torch.bfloat16), ("imex_ssp3_433", "stochastic", None),
+    ("imex_trapezoidal_reuse", "stochastic", None), ("imex_ars343_reuse", "kahan", None),
     ("adamax", "kahan", None), ("adamomentum", "stochastic", None), ("clipped_coordinate", "kahan", None),
     ("clipped_global", "stochastic", None)]
 
@@ -97,8 +99,8 @@ def test_kahan_and_stochastic_learn_where_nearest_stalls():
 
 
 def test_kahan_state_round_trips_weights_only_and_resumes_exactly():
-    whole = train("ssp3_433", "kahan", None, fused=None, steps=6)
-    net, opt = train("ssp3_433", "kahan", None, fused=None, steps=3)
+    whole = train("imex_ssp3_433", "kahan", None, fused=None, steps=6)
+    net, opt = train("imex_ssp3_433", "kahan", None, fused=None, steps=3)
     count = sum(p.numel() for p in net.parameters())
     assert opt.state_bytes() >= 3 * 2 * count  # moments and compensation, bfloat16 each
     buffer = io.BytesIO()
@@ -107,17 +109,17 @@ def test_kahan_state_round_trips_weights_only_and_resumes_exactly():
     saved = torch.load(buffer, weights_only=True)
     assert saved["opt"]["param_groups"][0]["param_rounding"] == "kahan"
     assert saved["opt"]["state"][0][KAHAN_STATE].dtype == torch.bfloat16
-    assert_same_bits(train("ssp3_433", "kahan", None, fused=None, steps=3, state=saved), whole)
+    assert_same_bits(train("imex_ssp3_433", "kahan", None, fused=None, steps=3, state=saved), whole)
     # a constructor that rounds to nearest drops the loaded compensation at its first step
-    resumed = train("ssp3_433", "nearest", None, fused=None, steps=1, state=saved)
+    resumed = train("imex_ssp3_433", "nearest", None, fused=None, steps=1, state=saved)
     assert all(KAHAN_STATE not in s for s in resumed[1].state.values())
 
 
 def test_state_dtype_by_name():
-    named = train("euler", "nearest", "bfloat16", fused=False, steps=2)
+    named = train("imex_euler", "nearest", "bfloat16", fused=False, steps=2)
     assert named[1].param_groups[0]["state_dtype"] == torch.bfloat16
-    assert_same_bits(named, train("euler", "nearest", torch.bfloat16, fused=False, steps=2))
-    assert optimizer_config({"name": "imex_adam", "state_dtype": "float32"})["state_dtype"] == "float32"
+    assert_same_bits(named, train("imex_euler", "nearest", torch.bfloat16, fused=False, steps=2))
+    assert optimizer_spec({"name": "imex_adam", "state_dtype": "float32"}).kwargs["state_dtype"] == "float32"
 
 
 @pytest.mark.parametrize("settings, match", [
@@ -134,29 +136,7 @@ def test_bad_settings_name_the_field(settings, match):
     if "param_rounding" in settings and settings["param_rounding"] == "kahan":
         return  # the parameters' dtype is known only to the optimizer
     with pytest.raises(ValueError, match=match):  # from a config, before any model exists
-        optimizer_config({"name": "adamax", **settings})
-
-
-def regression_fit(dtype: torch.dtype = torch.float32, steps: int = 100, **settings) -> float:
-    """The float32 mean squared error, after ``steps`` full-batch Adam steps (lr 3e-4), of a
-    8-32-32-1 tanh MLP (its 32x32 weight is 4 blocks of 8-bit state) fitted to a random
-    teacher network, from the same weights and data for every setting."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 8, generator=g)
-    teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-        y = teacher(x)
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)).to(dtype)
-    opt = IMEXAdam(net.parameters(), lr=3e-4, tableau="euler", fused=False, seed=0, **settings)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.mse_loss(net(x.to(dtype)).float(), y).backward()
-        opt.step()
-    with torch.no_grad():
-        return nn.functional.mse_loss(net.float()(x), y).item()
+        optimizer_spec({"name": "adamax", **settings})
 
 
 def test_low_precision_state_and_kahan_parameters_fit_like_float32():

@@ -85,8 +85,8 @@ def test_blocks_never_straddle_tensors():
 
 
 def test_state_bytes_and_a_weights_only_round_trip_that_resumes_exactly():
-    whole = train("trapezoidal", fused=None, steps=6)
-    net, opt = train("trapezoidal", fused=None, steps=3)
+    whole = train("imex_trapezoidal", fused=None, steps=6)
+    net, opt = train("imex_trapezoidal", fused=None, steps=3)
     large = [p.numel() for p in net.parameters() if p.numel() >= QUANT_BLOCK]
     small = [p.numel() for p in net.parameters() if p.numel() < QUANT_BLOCK]
     assert opt.state_bytes() == sum(2 * (n + 4 * quant_blocks(n)) for n in large) + 8 * sum(small)
@@ -99,15 +99,15 @@ def test_state_bytes_and_a_weights_only_round_trip_that_resumes_exactly():
         return torch.load(buffer, weights_only=True)
 
     assert saved()["opt"]["param_groups"][0]["state_dtype"] == "8bit"
-    assert_same_bits(train("trapezoidal", fused=None, steps=3, state=saved()), whole)
+    assert_same_bits(train("imex_trapezoidal", fused=None, steps=3, state=saved()), whole)
     # other storages load it through float32: dequantized exactly, and quantized again
-    wide = train("trapezoidal", fused=False, steps=0, state=saved(), state_dtype=torch.float32)[1]
+    wide = train("imex_trapezoidal", fused=False, steps=0, state=saved(), state_dtype=torch.float32)[1]
     for p, q in zip(net.parameters(), wide.param_groups[0]["params"]):
         moment = opt.state[p]["exp_avg"]
         if moment.dtype == torch.uint8:
             expected = dequantize(moment, opt.state[p]["exp_avg_absmax"], element_offsets(moment), "signed")
             assert torch.equal(wide.state[q]["exp_avg"], expected) and "exp_avg_absmax" not in wide.state[q]
-    narrow = train("trapezoidal", fused=False, steps=0, state={"model": net.state_dict(),
+    narrow = train("imex_trapezoidal", fused=False, steps=0, state={"model": net.state_dict(),
                                                                "opt": wide.state_dict()})[1]
     for p, q in zip(net.parameters(), narrow.param_groups[0]["params"]):
         for key, value in opt.state[p].items():

@@ -18,20 +18,10 @@ from lightning_imex.optim.imex_adam import PositivityWarning
 from lightning_imex.optim.kernel import Batch
 from lightning_imex.optim.program import Event, tensor, tensor_key
 from bitwise import assert_same_bits, triton_check
+from catalogue import configs
 
-CONFIGS = {
-    "euler": (IMEXAdam, {"tableau": "euler", "weight_decay": 0.01}),
-    "trapezoidal": (IMEXAdam, {"tableau": "trapezoidal"}),
-    "trapezoidal_reuse": (IMEXAdam, {"tableau": "trapezoidal", "reuse_gradient": True}),
-    "ssp3_433": (IMEXAdam, {"tableau": "ssp3_433", "weight_decay": 0.01, "decoupled_weight_decay": True}),
-    "trapezoidal_pc": (IMEXAdam, {"tableau": "trapezoidal_pc", "bias_correction": False}),
-    "ars222": (IMEXAdam, {"tableau": "ars222"}),
-    "ars343_reuse": (IMEXAdam, {"tableau": "ars343", "reuse_gradient": True, "maximize": True}),
-    "adamax": (AdaMax, {"weight_decay": 0.01}),
-    "adamomentum": (AdaMomentum, {}),
-    "clipped_coordinate": (ClippedAdam, {"max_update": 1e-3}),
-    "clipped_global": (ClippedAdam, {"clip": "global", "bias_correction": True}),
-}
+CONFIGS = configs("imex_euler", "imex_trapezoidal", "imex_trapezoidal_reuse", "imex_ssp3_433", "imex_trapezoidal_pc",
+                  "imex_ars222", "imex_ars343_reuse", "adamax", "adamomentum", "clipped_coordinate", "clipped_global")
 CASES = [(name,) for name in CONFIGS]
 
 
@@ -100,8 +90,8 @@ def test_stochastic_kernel_compiles_for_cuda(tmp_path, monkeypatch):
     storage = Storage.of(kernel, {"p": torch.float32, "g": torch.float32, "m": torch.bfloat16, "v": torch.bfloat16},
                          stochastic=("m", "v"))
     signature = {f"row{k}": "*i64" for k in range(len(kernel_buffers(kernel)))}
-    signature.update(numels="*i64", block_tensor="*i32", block_start="*i64", keys="*i64", coefficients="*fp64",
-                     BLOCK="constexpr")
+    signature.update(numels="*i64", block_tensor="*i32", block_start="*i64", keys="*i64", shard_offsets="*i64",
+                     coefficients="*fp64", BLOCK="constexpr")
     source = ASTSource(fn=_import_kernel(triton_source(kernel, storage)), signature=signature,
                        constexprs={"BLOCK": BLOCK})
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -110,21 +100,21 @@ def test_stochastic_kernel_compiles_for_cuda(tmp_path, monkeypatch):
 
 
 def test_state_is_bfloat16_and_survives_a_weights_only_round_trip_and_resume():
-    whole = train("trapezoidal", fused=None, steps=6)
-    net, opt = train("trapezoidal", fused=None, steps=3)
+    whole = train("imex_trapezoidal", fused=None, steps=6)
+    net, opt = train("imex_trapezoidal", fused=None, steps=3)
     assert opt.state_bytes() == 2 * 2 * sum(p.numel() for p in net.parameters())  # 4 bytes per parameter
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     assert saved["opt"]["param_groups"][0]["state_dtype"] == torch.bfloat16
-    resumed = train("trapezoidal", fused=None, steps=3, seed=5, state=saved)  # the checkpoint's seed wins
+    resumed = train("imex_trapezoidal", fused=None, steps=3, seed=5, state=saved)  # the checkpoint's seed wins
     assert resumed[1].param_groups[0]["seed"] == 0
     assert_same_bits(resumed, whole)
 
 
 def test_loaded_state_takes_the_constructors_state_dtype():
-    net, opt = train("euler", fused=False, steps=2)
+    net, opt = train("imex_euler", fused=False, steps=2)
     wide = IMEXAdam(model().parameters(), tableau="euler", state_dtype=torch.float32)
     wide.load_state_dict(copy.deepcopy(opt.state_dict()))
     for p, q in zip(net.parameters(), wide.param_groups[0]["params"]):

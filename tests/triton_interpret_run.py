@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from lightning_imex.optim import AdaMax, AdaMomentum, ClippedAdam, IMEXAdam, kernel
+from catalogue import CATALOGUE  # beside this script
+from lightning_imex.optim import kernel
 from lightning_imex.optim.kernel import Batch
 from lightning_imex.optim.toolkit import PointerTables
 from lightning_imex.optim.program import Event, clamp, lower, maximum, minimum, run_eager, runtime, scalar, sqrt, tensor
@@ -216,22 +217,9 @@ def partial_sums_per_block() -> None:
     assert_close(partial.sum(), torch.stack(run_eager(lowered, eager, coefficients)).sum(), rtol=1e-10, atol=0)
 
 
-# Optimizers: the fused path with the Triton backend standing in for the CPU one.
-OPTIMIZERS = {
-    "imex_euler": lambda groups, fused: IMEXAdam(groups, tableau="euler", fused=fused),
-    "imex_trapezoidal": lambda groups, fused: IMEXAdam(groups, tableau="trapezoidal", fused=fused),
-    "imex_trapezoidal_reuse": lambda groups, fused: IMEXAdam(groups, tableau="trapezoidal", reuse_gradient=True,
-                                                             weight_decay=0.01, fused=fused),
-    "imex_ssp3_433": lambda groups, fused: IMEXAdam(groups, tableau="ssp3_433", weight_decay=0.01,
-                                                    decoupled_weight_decay=True, maximize=True, fused=fused),
-    "imex_trapezoidal_pc": lambda groups, fused: IMEXAdam(groups, tableau="trapezoidal_pc", bias_correction=False,
-                                                          fused=fused),
-    "adamax": lambda groups, fused: AdaMax(groups, weight_decay=0.01, fused=fused),
-    "adamomentum": lambda groups, fused: AdaMomentum(groups, weight_decay=0.01, fused=fused),
-    "clipped_coordinate": lambda groups, fused: ClippedAdam(groups, max_update=1e-3, fused=fused),
-    "clipped_global": lambda groups, fused: ClippedAdam(groups, clip="global", max_update=1e-3,
-                                                                bias_correction=True, fused=fused),
-}
+# Optimizers: the fused path with the Triton backend standing in for the CPU one, over the
+# tests' catalogue (imex_euler_decoupled aside: imex_ssp3_433 covers decoupled weight decay)
+OPTIMIZERS = {name: config for name, config in CATALOGUE.items() if name != "imex_euler_decoupled"}
 
 
 def small_model() -> nn.Module:
@@ -246,7 +234,8 @@ def train(name: str, fused: bool, steps: int = 3) -> nn.Module:
     groups = [{"params": list(conv.parameters()), "lr": 1e-2},
               {"params": [first.weight, last.weight], "lr": 3e-3, "betas": (0.8, 0.99)},
               {"params": [first.bias, last.bias]}]
-    optimizer = OPTIMIZERS[name](groups, fused)
+    cls, kwargs = OPTIMIZERS[name]
+    optimizer = cls(groups, fused=fused, **kwargs)
     generator = torch.Generator(DEVICE).manual_seed(1)
     x, y = torch.randn(8, 3, 6, 6, generator=generator), torch.randint(0, 3, (8,), generator=generator)
 

@@ -21,9 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..callbacks import ModelEMA
-from ..clipping import check_sharded
+from ..clipping import GradientClipping, check_sharded
 from ..data import DATAMODULES
 from ..multigradient import IncompatibleSetupError, check_trainer
+from ..optimizers import optimizer_spec
+from ..schedules import scheduler_spec
 from ..sharding import is_sharded
 from ..task import SupervisedTask
 from ..validate import allowed_keywords, choice
@@ -61,15 +63,17 @@ def build_fit(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation and ??? value
         checks.check_seed(cfg.seed)
         threads = TorchThreads(cfg.get("threads"))
+        # the optimizer, schedule and clipping resolved once, here: the module and the fit take the specs as they are
+        specs = dict(optimizer=optimizer_spec(cfg.optimizer), scheduler=scheduler_spec(cfg.scheduler),
+                     clipping=GradientClipping.from_config(cfg.clipping))
         datamodule = _datamodule(cfg.dataset)
         module = SupervisedTask(model=cfg.model, input_shape=datamodule.input_shape,
-                                num_outputs=datamodule.num_outputs, task=datamodule.task, optimizer=cfg.optimizer,
-                                scheduler=cfg.scheduler, clipping=cfg.clipping, **cfg.param_groups)
+                                num_outputs=datamodule.num_outputs, task=datamodule.task, **specs, **cfg.param_groups)
         module.to(_true_precision_dtype(cfg.trainer.get("precision")))  # as the Trainer will: the optimizer sees it
         try:
             optimizer = module.checked_optimizer()  # the fit's, its hyper-parameters checked
         except (ValueError, TypeError) as error:
-            raise ConfigError(optimizer_error(module.optimizer_config, error)) from error
+            raise ConfigError(optimizer_error(module.optimizer_spec, error)) from error
         checks.check_scheduler(module, optimizer)
         logger = _logger(cfg)
         callbacks = {key: instantiate(c) for key, c in (cfg.callbacks or {}).items() if c}
@@ -146,8 +150,9 @@ def _true_precision_dtype(precision: Any) -> torch.dtype:
 
 
 def sharded_callbacks(strategy: Any, callbacks: dict[str, Callback]) -> dict[str, Callback]:
-    """``callbacks``, each ``ModelEMA`` checked against ``strategy`` (it averages FSDP2's
-    shards, not FSDP1's): one line before anything runs."""
+    """``callbacks``, each ``ModelEMA`` checked against ``strategy`` (it averages the
+    rank's shards under FSDP2 and FSDP1; a strategy it cannot average under is refused):
+    one line before anything runs."""
     for key, callback in callbacks.items():
         if isinstance(callback, ModelEMA):
             try:

@@ -100,7 +100,7 @@ def check_monitors(module: SupervisedTask, callbacks: dict[str, Callback]) -> No
     if any(isinstance(c, ModelEMA) and c.evaluate == "both" for c in callbacks.values()):
         logged |= {f"{name}_raw" for name in logged if name.startswith("val/")}
     watched = [(f"callbacks.{key}.monitor", getattr(c, "monitor", None)) for key, c in callbacks.items()]
-    watched.append(("scheduler.monitor", (module.scheduler_config or {}).get("monitor")))
+    watched.append(("scheduler.monitor", module.scheduler_spec.monitor if module.scheduler_spec else None))
     for key, monitor in watched:
         if monitor is not None and monitor not in logged:
             raise ConfigError(f"{key}={monitor!r} is not a metric this fit logs; it logs: {', '.join(sorted(logged))}")
@@ -110,17 +110,17 @@ def check_scheduler(module: SupervisedTask, optimizer: Any) -> None:
     """Builds the schedule on the checked optimizer, then puts back the learning rates it
     set (the fit's schedule starts from them); a ``warmup_cosine`` that spans the fit gets
     a stand-in length (the fit's is known at its start)."""
-    config = module.scheduler_config
-    if config is None:
+    spec = module.scheduler_spec
+    if spec is None:
         return
     total = None
-    if config["name"] == "warmup_cosine" and config.get("total_steps") is None:
-        total = integer("scheduler.warmup_steps", config.get("warmup_steps", 0), 0) + 1
+    if spec.name == "warmup_cosine" and spec.kwargs.get("total_steps") is None:
+        total = integer("scheduler.warmup_steps", spec.kwargs.get("warmup_steps", 0), 0) + 1
     groups = [dict(group) for group in optimizer.param_groups]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a stand-in length may be short; the fit warns, if it needs to
-            build_scheduler(optimizer, config, total)
+            build_scheduler(optimizer, spec, total)
     finally:
         for group, before in zip(optimizer.param_groups, groups):
             group.pop("initial_lr", None)

@@ -6,8 +6,10 @@ Lightning takes seconds to import, so what needs no run answers without it: ``--
 and ``--hydra-help`` (Hydra's, with the schema registered without Lightning's types,
 :func:`lightning_imex.config.register`), and a command line that does not compose (a bad
 group option, key, value or override syntax) fails in a composition with that schema
-first. The overrides of the keys typed from Lightning (:data:`~lightning_imex.config.FROM_LIGHTNING`)
-are checked by the run's composition, with the whole schema."""
+first (:func:`compose_without_lightning`, which ``lightning-imex-compare`` runs on each
+optimizer's overrides too). The overrides of the keys typed from Lightning
+(:data:`~lightning_imex.config.FROM_LIGHTNING`) are checked by the run's composition,
+with the whole schema."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import re
 import sys
 from argparse import Namespace
+from collections.abc import Sequence
 from typing import Any
 
 import hydra
@@ -25,7 +28,7 @@ from ..config import FROM_LIGHTNING, register
 from . import run_dir  # noqa: F401  (registers the run folder's resolvers)
 from .errors import PROG, ConfigError, fail, one_line
 
-__all__ = ["check_arguments", "check_launcher", "main"]
+__all__ = ["check_arguments", "check_launcher", "compose_without_lightning", "main"]
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 _UNSET = object()
@@ -64,28 +67,38 @@ def check_arguments(args: list[str]) -> Namespace:
     return parser.parse_args(args)
 
 
-def _compose_without_lightning(parsed: Namespace) -> None:
-    """Composes the command line with the schema registered without Lightning's types: an
-    error fails here, in one line, before Lightning loads. Left to the run's composition:
-    the overrides of :data:`FROM_LIGHTNING`'s keys, a sweep, and a command line that
-    names other configs or asks for something other than a run; with Lightning loaded
-    already (a test, a forked run), there is nothing to save and the run composes alone."""
+def compose_without_lightning(overrides: Sequence[str]) -> None:
+    """Composes the app's config for ``overrides`` with the schema registered without
+    Lightning's types, raising Hydra's (or OmegaConf's) error of a bad group option, key,
+    value or override syntax before Lightning loads. Left to a composition with the whole
+    schema: the overrides of :data:`FROM_LIGHTNING`'s keys and a sweep; with Lightning
+    loaded already (a test, a forked run) or Hydra initialised, nothing is saved and
+    nothing is composed here."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if GlobalHydra().is_initialized() or "lightning" in sys.modules:
+        return
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    if any(o.is_sweep_override() for o in parsed):
+        return
+    register(lightning=False)  # kept if the whole schema is registered
+    kept = [o.input_line for o in parsed if o.key_or_group.split(".")[0] not in FROM_LIGHTNING
+            or "." not in o.key_or_group]
+    with initialize_config_module(config_module="lightning_imex.conf", version_base="1.3"):
+        compose("train", overrides=kept)
+
+
+def _compose_without_lightning(parsed: Namespace) -> None:
+    """The command line's overrides composed without Lightning (:func:`compose_without_lightning`):
+    an error fails here, in one line. A command line that names other configs or asks for
+    something other than a run is left to Hydra."""
     if (parsed.multirun or parsed.cfg or parsed.info or parsed.shell_completion or parsed.experimental_rerun
-            or parsed.config_path or parsed.config_name or parsed.config_dir or GlobalHydra().is_initialized()
-            or "lightning" in sys.modules):
+            or parsed.config_path or parsed.config_name or parsed.config_dir):
         return
     try:
-        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
-        if any(o.is_sweep_override() for o in overrides):
-            return
-        kept = [o.input_line for o in overrides if o.key_or_group.split(".")[0] not in FROM_LIGHTNING
-                or "." not in o.key_or_group]
-        with initialize_config_module(config_module="lightning_imex.conf", version_base="1.3"):
-            compose("train", overrides=kept)
+        compose_without_lightning(parsed.overrides)
     except Exception as error:
         if os.environ.get(FULL_ERROR) == "1":
             raise
@@ -140,6 +153,9 @@ def main() -> None:
     except Exception as error:
         if _users_full_error == "1" or any(error is e for e in _RUN_ERRORS):
             raise
+        if isinstance(error, BrokenPipeError):  # --help's reader stopped reading (| head): nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit, when stdout is flushed
+            sys.exit(1)
         if isinstance(error, OSError) and not isinstance(error, HydraException):
             # Hydra writes the run's folder before the task starts
             fail(f"cannot write the run's folder ({one_line(error)}): hydra.run.dir (hydra.sweep.dir with -m) "

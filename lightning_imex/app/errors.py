@@ -10,11 +10,14 @@ import importlib.resources
 import inspect
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+
+if TYPE_CHECKING:  # importing it loads torch
+    from ..optimizers import OptimizerSpec
 
 __all__ = ["PROG", "ConfigError", "compose_error", "fail", "hint", "one_line", "optimizer_error", "trainer_error"]
 
@@ -134,7 +137,7 @@ def trainer_error(cfg: DictConfig, error: BaseException) -> str:
 PARAM_GROUP_FIELDS = ("decay_norm_and_bias", "no_weight_decay", "lr_multipliers")
 
 
-def optimizer_error(optimizer_config: dict[str, Any], error: BaseException) -> str:
+def optimizer_error(spec: OptimizerSpec, error: BaseException) -> str:
     """An optimizer's or the parameter groups' error with the config key it is about:
     ``lr must be ...`` is ``optimizer.lr must be ...``."""
     message = one_line(error)
@@ -144,10 +147,8 @@ def optimizer_error(optimizer_config: dict[str, Any], error: BaseException) -> s
     word = word.group(0) if word else ""
     if word in PARAM_GROUP_FIELDS:
         return f"param_groups.{message}"
-    from ..optimizers import optimizer_class
-
     try:
-        fields = list(inspect.signature(optimizer_class(optimizer_config)).parameters)
+        fields = list(inspect.signature(spec.cls).parameters)
     except (ValueError, TypeError):
         fields = []
     return f"optimizer.{message}" if word in fields else f"optimizer: {message}"

@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback
 
-from ..compare.recipe import usable_cores
 from ..validate import integer
+from .cores import usable_cores
 
 __all__ = ["TorchThreads"]
 

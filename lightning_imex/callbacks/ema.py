@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import _lightning
 from ..atomic import torch_save
 from ..clipping import step_skipped
-from ..ema import DTENSOR, EMA, SCHEDULES, check_options, decay_from_optimizer, tracked_tensors
+from ..ema import EMA, FSDP1_MODULE, SCHEDULES, check_options, decay_from_optimizer, reshard, tracked_tensors
 from ..ema_offload import build_ema
 from ..sharding import COPY_MARK, is_sharded_checkpoint, load_weight_copies
 from ..validate import boolean, choice, integer
@@ -80,7 +80,15 @@ class ModelEMA(L.Callback):
     ``current_model_state`` under ``FSDP2Strategy``, and under ``ModelParallelStrategy``
     (which shards ``state_dict`` alone) inside ``state_dict`` under names starting with
     ``RAW_IN_STATE_DICT``, which loading the module and ``consolidate`` leave out.
-    ``export_path`` is gathered once, at the end. FSDP1 (``FSDPStrategy``) is refused.
+    ``export_path`` is gathered once, at the end.
+
+    Under FSDP1 (Lightning's ``FSDPStrategy``, ``use_orig_params`` True or False) the EMA
+    averages the FSDP wrapper's weights: each rank its pieces of the FlatParameters'
+    shards, nothing gathered in an update. Checkpoints hold the EMA in ``state_dict`` in the
+    strategy's layout (``state_dict_type="sharded"``: FSDP's per-parameter shards, every
+    rank's saved, and the raw ones beside them under ``RAW_IN_STATE_DICT``; ``"full"``: whole
+    tensors gathered to rank 0, the raw ones in ``current_model_state``), which FSDP
+    gathers each unit to build, as for the module's own.
 
     Override :meth:`make_ema` to average with a subclass of :class:`~lightning_imex.ema.EMA`.
     """
@@ -135,7 +143,9 @@ class ModelEMA(L.Callback):
 
     def make_ema(self, pl_module: nn.Module) -> EMA:
         """The average of ``pl_module`` from its current weights (decay and schedule resolved);
-        with ``device="cpu"`` and a CUDA module, updated off the critical path (``OffloadedEMA``)."""
+        with ``device="cpu"`` and a CUDA module, updated off the critical path (``OffloadedEMA``).
+        Under FSDP1 ``pl_module`` is the FSDP wrapper around the LightningModule (the root
+        unit's weights are its own)."""
         return build_ema(pl_module, self.decay, self.schedule, gamma=self.gamma, power=self.power,
                          min_decay=self.min_decay, update_every=self.update_every,
                          include_buffers=self.include_buffers, device=self.device)
@@ -147,15 +157,10 @@ class ModelEMA(L.Callback):
     # ---------------------------------------------------------------- fit
     @staticmethod
     def check_strategy(strategy: Any) -> None:
-        """One line where ``strategy`` shards the weights in a way the EMA cannot follow:
-        FSDP1's flat parameters, or a ``ModelParallelStrategy`` that gathers its checkpoints
-        into one file from rank 0 (which would not hold the other ranks' EMA shards)."""
+        """One line where ``strategy`` shards the weights in a way the EMA cannot follow: a
+        ``ModelParallelStrategy`` that gathers its checkpoints into one file from rank 0
+        (which would not hold the other ranks' EMA shards)."""
         names = [c.__name__ for c in type(strategy).__mro__]
-        if "FSDPStrategy" in names:
-            raise RuntimeError("ModelEMA does not average FSDPStrategy's sharded weights: FSDP1 flattens each unit's "
-                               "parameters into one FlatParameter whose shard boundaries cut across parameters; use "
-                               "lightning_imex.sharding.FSDP2Strategy (fully_shard: per-parameter DTensor shards; "
-                               "strategy=fsdp in the app), or 'ddp'")
         if "ModelParallelStrategy" in names and not _lightning.saves_distributed_checkpoint(strategy):
             raise RuntimeError(f"ModelEMA under {type(strategy).__name__} needs save_distributed_checkpoint=True "
                                "(strategy=fsdp in the app): a folder of shards holds every rank's shards of the "
@@ -185,7 +190,7 @@ class ModelEMA(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self.ema is None and trainer.global_step >= self.start_step:
-            self.ema, self.last_step = self.make_ema(pl_module), trainer.global_step  # e_0
+            self.ema, self.last_step = self.make_ema(_averaged(pl_module)), trainer.global_step  # e_0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -201,14 +206,9 @@ class ModelEMA(L.Callback):
         if self.updates == 0:
             return
         if self.export_path is not None:
-            whole = {}
-            for name, t in self.ema.averaged_state_dict().items():
-                if self.ema.sharded and isinstance(t, DTENSOR):  # gathered, once, with every rank taking part
-                    t = t.full_tensor()
-                if trainer.is_global_zero:
-                    whole[name] = t.detach().cpu()
+            whole = self.ema.full_state_dict()  # gathered, once, with every rank taking part
             if trainer.is_global_zero:
-                torch_save(whole, Path(self.export_path))
+                torch_save({name: t.detach().cpu() for name, t in whole.items()}, Path(self.export_path))
             rank_zero_info(f"ModelEMA: EMA weights written to {self.export_path}")
         if self.end_with == "ema" and self.ema.holding == "raw":
             self.ema.swap()
@@ -217,7 +217,7 @@ class ModelEMA(L.Callback):
     def _swap_in(self, wanted: bool, pl_module: nn.Module) -> None:
         ema = self.ema
         if wanted and ema is not None and ema.updates > 0 and ema.holding == "raw":  # no EMA before the first update
-            if ema.model is not pl_module:
+            if ema.model is not _averaged(pl_module):
                 rank_zero_warn("ModelEMA: this module is not the one the EMA averaged; it is evaluated as it is")
                 return
             ema.swap()
@@ -234,7 +234,7 @@ class ModelEMA(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ema = self.ema
-        if self.evaluate == "both" and ema is not None and ema.holding == "ema" and ema.model is pl_module:
+        if self.evaluate == "both" and ema is not None and ema.holding == "ema" and ema.model is _averaged(pl_module):
             self._twins = {name: m.clone() for name, m in _top_metrics(pl_module)}
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -247,7 +247,11 @@ class ModelEMA(L.Callback):
         extra = {} if dataloader_idx is None else {"dataloader_idx": dataloader_idx}  # as Lightning passed it
         self.ema.swap()
         try:
-            _raw_view(pl_module, self._twins).validation_step(batch, batch_idx, **extra)
+            step = _raw_view(pl_module, self._twins).validation_step
+            if self.ema.model is pl_module:
+                step(batch, batch_idx, **extra)
+            else:  # FSDP1 gathers the root unit's weights in its wrapper's forward: the step runs as that
+                _as_forward(self.ema.model, pl_module, step, batch, batch_idx, **extra)
         finally:
             self.ema.swap()
 
@@ -284,11 +288,18 @@ class ModelEMA(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.ema is None:
             return
+        if self.ema.flat_sharded and all(type(t) is Tensor for t in checkpoint["state_dict"].values()):
+            # FSDPStrategy(state_dict_type="full") gave rank 0 the whole weights (the other ranks
+            # nothing): so are the EMA's, and the raw ones go with them into rank 0's file
+            checkpoint["state_dict"] = self.ema.full_state_dict("ema")
+            checkpoint["current_model_state"] = self.ema.full_state_dict("raw")
+            checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.ema.updates)}
+            return
         checkpoint["state_dict"] = self.ema.averaged_state_dict()
         raw = self.ema.raw_state_dict()
         if self.ema.sharded and not getattr(trainer.strategy, "saves_weight_copies", False):
-            # Lightning's ModelParallelStrategy shards state_dict and the optimizers' states and
-            # pickles the rest from rank 0: the raw shards ride inside state_dict
+            # Lightning's ModelParallelStrategy and FSDPStrategy shard state_dict and the optimizers'
+            # states and pickle the rest from rank 0: the raw shards ride inside state_dict
             checkpoint["state_dict"].update((RAW_IN_STATE_DICT + name, t) for name, t in raw.items())
         else:
             checkpoint["current_model_state"] = raw
@@ -301,7 +312,7 @@ class ModelEMA(L.Callback):
             evaluates_raw = self._evaluates_raw(trainer, checkpoint)
             raw = self._raw_weights(trainer, pl_module, checkpoint) if evaluates_raw else None
             if raw is not None:
-                pl_module.load_state_dict(raw)
+                _load_weights(pl_module, raw)
             elif trainer.state.fn == TrainerFn.VALIDATING and self.evaluate == "both":
                 rank_zero_warn("ModelEMA: validate given a checkpoint runs on its EMA weights only; "
                                "evaluate='both' logs the raw pass during fit")
@@ -312,31 +323,35 @@ class ModelEMA(L.Callback):
         # a fit: the module's weights become the EMA, and the raw weights go back in. The
         # counters come with the callback's state; a checkpoint of Lightning's
         # EMAWeightAveraging has none: it updated on every step since its first average
-        average = [t.detach().clone() for t in tracked_tensors(pl_module, self.include_buffers)[0]]
+        averaged = _averaged(pl_module)
+        reshard(averaged)  # FSDP1's flat shards, as the EMA will hold them
+        average = [t.detach().clone() for t in tracked_tensors(averaged, self.include_buffers)[0]]
         n = int(checkpoint.get("averaging_state", {}).get("n_averaged", 0))
         self._resumed = average, {"steps": n, "updates": n, "lightning": True}
         self.last_step = checkpoint["global_step"]
-        pl_module.load_state_dict(raw)
+        _load_weights(pl_module, raw)
 
     @staticmethod
     def _raw_weights(trainer: L.Trainer, pl_module: nn.Module, checkpoint: dict) -> dict[str, Tensor] | None:
         """The checkpoint's raw weights, or None: its ``current_model_state``, or the shards
-        kept inside ``state_dict`` of a folder that ``ModelParallelStrategy`` saved (read
-        here, by every rank: Lightning loaded only the module's names)."""
+        kept inside ``state_dict`` of a folder that ``ModelParallelStrategy`` or
+        ``FSDPStrategy`` saved (read here, by every rank: Lightning loaded only the module's
+        names)."""
         if "current_model_state" in checkpoint:
             return checkpoint["current_model_state"]
         path = trainer.ckpt_path
         if path is None or not is_sharded_checkpoint(path):
             return None
-        prefix = f"state_dict.{RAW_IN_STATE_DICT}"
-        return load_weight_copies(path, pl_module, [prefix]).get(prefix)
+        # the folder's entry for state_dict: ModelParallelStrategy's "state_dict", FSDPStrategy's "model"
+        prefixes = [f"{entry}.{RAW_IN_STATE_DICT}" for entry in ("state_dict", "model")]
+        return next(iter(load_weight_copies(path, _averaged(pl_module), prefixes).values()), None)
 
     def _build_resumed(self, pl_module: nn.Module) -> None:
         """The resumed EMA, once the checkpoint's tensors and counters and the fit's decay are known."""
         if self._resumed is None or self.decay is None:
             return
         average, counters = self._resumed
-        self.ema = self.make_ema(pl_module)
+        self.ema = self.make_ema(_averaged(pl_module))
         if counters.get("lightning"):  # constant decay, no bias correction to carry
             counters = {**self.ema.counters(), "steps": counters["steps"], "updates": counters["updates"],
                         "decay_product": self.ema.decay ** counters["updates"]}
@@ -356,6 +371,38 @@ class ModelEMA(L.Callback):
         wanted = {TrainerFn.VALIDATING: self.evaluate != "raw", TrainerFn.TESTING: self.swap_test,
                   TrainerFn.PREDICTING: self.swap_predict}
         return ranked_raw or not wanted.get(trainer.state.fn, True)
+
+
+def _averaged(pl_module: nn.Module) -> nn.Module:
+    """What the EMA of ``pl_module`` averages: the module, or under FSDP1 the FSDP wrapper
+    around it (Lightning's FSDPStrategy: the root unit's FlatParameter is the wrapper's)."""
+    trainer = _lightning.attached_trainer(pl_module)
+    wrapper = None if trainer is None else trainer.strategy.model
+    if FSDP1_MODULE is not None and isinstance(wrapper, FSDP1_MODULE) and wrapper.module is pl_module:
+        return wrapper
+    return pl_module
+
+
+def _as_forward(wrapper: nn.Module, pl_module: nn.Module, step: Any, *args: Any, **kwargs: Any) -> Any:
+    """``step(*args, **kwargs)`` run as the forward of ``pl_module`` inside ``wrapper``'s
+    (as Lightning's strategies run the module's steps)."""
+    pl_module.forward = step
+    try:
+        return wrapper(*args, **kwargs)
+    finally:
+        del pl_module.forward
+
+
+def _load_weights(pl_module: nn.Module, state: dict[str, Tensor]) -> None:
+    """``state`` (raw weights: DTensors, FSDP1's sharded tensors, or whole ones) into the module."""
+    averaged = _averaged(pl_module)
+    if averaged is pl_module:
+        pl_module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    whole = all(type(t) is Tensor for t in state.values())  # FSDPStrategy(state_dict_type="full")'s
+    set_model_state_dict(averaged, state, options=StateDictOptions(full_state_dict=whole))
 
 
 class _RawLog:

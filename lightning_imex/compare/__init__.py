@@ -13,8 +13,9 @@ grid; ``--from`` makes the same from existing run folders (a multirun's output).
 ``--jobs`` at a time (one per core, or per GPU) with ``--threads`` torch threads each, or
 as SLURM jobs with ``hydra/launcher=slurm``.
 
-``--help`` and ``--list`` answer without importing Lightning (seconds saved on every
-look): the runner and the app load when a comparison starts."""
+``--help``, ``--list`` and a bad setting or override (:func:`check_overrides`) answer
+without importing Lightning or torch (seconds saved on every look): the runner and the
+app load when a comparison starts."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ import platform
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
+from ..app.cores import usable_cores
 from ..validate import integer
 from .recipe import (OptimizerEntry, Recipe, RecipeError, check_settings, dataset_files, estimated_seconds,
-                     load_recipe, recipe_names, run_count, usable_cores)
+                     load_recipe, recipe_names, run_count)
 
 if TYPE_CHECKING:
     from .report import Comparison
@@ -187,6 +189,23 @@ def parse_settings(recipe: Recipe, tokens: Sequence[str]) -> tuple[Recipe, list[
     return recipe, overrides
 
 
+def check_overrides(recipe: Recipe, overrides: Sequence[str]) -> None:
+    """Each optimizer's config composed with ``overrides`` before Lightning loads (seconds
+    saved on a typo): a bad group option, key or value fails here, with the message the
+    runs' composition (:func:`.runner.compose_config`) gives."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..app.cli import compose_without_lightning
+    from ..app.errors import compose_error
+
+    for entry in recipe.optimizers:
+        try:
+            compose_without_lightning([*recipe.overrides, *entry.overrides, *overrides])
+        except (HydraException, OmegaConfBaseException) as error:
+            raise RecipeError(compose_error(error)) from error
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Compare optimizers on a recipe (a paper's claim) by gradient evaluations and\n"
@@ -234,6 +253,11 @@ def list_recipes(jobs: int) -> None:
             print(f"{'':<22} needs dataset files: {files}")
 
 
+def _fail(error: BaseException) -> NoReturn:
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_intermixed_args(argv)  # options before the settings too
@@ -242,11 +266,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             if getattr(args, key) is not None:
                 integer(f"--{key}", getattr(args, key), 1)
         except ValueError as error:
-            print(f"{PROG}: error: {error}", file=sys.stderr)
-            sys.exit(2)
+            _fail(error)
     if args.list:
         list_recipes(args.jobs or usable_cores())
         return
+    if args.sources:
+        if args.recipe or args.settings or args.extend or args.jobs or args.threads:
+            parser.error("--from makes results from run folders: give no recipe, settings, --extend, --jobs or "
+                         "--threads with it")
+    else:
+        if not args.recipe:
+            parser.error("give a recipe (see --list), or --from DIR")
+        if args.metric:
+            parser.error("--metric goes with --from; a recipe names its metric")
+        try:
+            recipe, overrides = parse_settings(load_recipe(args.recipe), args.settings)
+            check_overrides(recipe, overrides)
+        except RecipeError as error:
+            _fail(error)
     from .. import train as app
     from .report import EDGE
     from .runner import default_jobs
@@ -254,22 +291,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     app.quiet()
     try:
         if args.sources:
-            if args.recipe or args.settings or args.extend or args.jobs or args.threads:
-                parser.error("--from makes results from run folders: give no recipe, settings, --extend, --jobs or "
-                             "--threads with it")
             _, paths = compare_from(args.sources, args.out, args.metric)
         else:
-            if not args.recipe:
-                parser.error("give a recipe (see --list), or --from DIR")
-            if args.metric:
-                parser.error("--metric goes with --from; a recipe names its metric")
-            recipe, overrides = parse_settings(load_recipe(args.recipe), args.settings)
             jobs = args.jobs or default_jobs()
             _, paths = compare(recipe, args.out or Path("outputs") / "compare" / recipe.name, overrides,
                                args.extend, jobs, args.threads or max(1, usable_cores() // jobs))
     except (RecipeError, app.ConfigError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(error)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the same command finishes the missing runs", file=sys.stderr)
         sys.exit(130)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..validate import integer, is_integer, is_real
 
 __all__ = ["OptimizerEntry", "Recipe", "RecipeError", "dataset_files", "estimated_seconds", "load_recipe",
-           "recipe_names", "usable_cores"]
+           "recipe_names"]
 
 PACKAGE = "lightning_imex.recipes"
 CONFIGS = "lightning_imex.conf"
@@ -157,11 +156,6 @@ def parse_recipe(name: str, data: Any, source: str = "") -> Recipe:
                     metric=data.get("metric"), validations=data.get("validations", 10), source=source)
     check_settings(recipe)
     return recipe
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_count(recipe: Recipe) -> int:

@@ -50,13 +50,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import train as app
+from ..app.cores import usable_cores
 from ..callbacks import TrainingCost
 from ..checkpoint import load_checkpoint
 from ..clipping import NonFiniteGradientError
 from ..data import DATAMODULES
 from ..multigradient import gradient_evaluations_per_step
-from ..optimizers import build_optimizer
-from .recipe import Recipe, RecipeError, usable_cores
+from .recipe import Recipe, RecipeError
 from .runs import RUN_RECORD
 from .workers import start_worker
 
@@ -187,9 +187,9 @@ def _quoted(path: Path) -> str:
 
 
 def _evaluations_per_step(module: L.LightningModule, name: str) -> int:
-    """Gradient evaluations per step of the optimizer the fit builds (its config as the
-    app normalised it, on the module's parameter groups)."""
-    optimizer = build_optimizer(module, module.optimizer_config, **module.param_group_config)
+    """Gradient evaluations per step of the optimizer the fit builds: the one the app
+    built and checked (no other is built)."""
+    optimizer = module.checked_optimizer()
     per_step = gradient_evaluations_per_step(optimizer)
     if per_step is None:
         raise RecipeError(f"optimizer {name} makes a varying number of gradient evaluations per step "

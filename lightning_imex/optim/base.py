@@ -10,7 +10,7 @@ import math
 from collections import defaultdict
 from itertools import chain
 from collections.abc import Sequence
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -108,6 +108,27 @@ def check_state_storage(group: dict[str, Any]) -> None:
         if p.dtype not in _NARROW_STATE_PARAMETERS:
             raise ValueError(f"state_dtype={state_dtype} needs float32, bfloat16 or float16 parameters, got a "
                              f"{p.dtype} parameter of shape {tuple(p.shape)}; use state_dtype=None for it")
+
+
+# How the scratch of a multi-stage step (kept gradients, parameter sums) is stored, by
+# batch (scratch_storage): in the parameter's dtype, as before state_dtype existed; in
+# float32 where parameter stores do not round to nearest, so that only the stores to p
+# round; and for float32 parameters with narrower state, as narrow as the moments:
+# bfloat16 with stochastic stores, or 8-bit codes under the signed map with a scale per
+# QUANT_BLOCK. Narrow scratch holds each parameter sum as its difference from p
+# (plan.Plan.relative_events): a bfloat16 or 8-bit parameter would lose the updates.
+NARROW_SCRATCH = (torch.bfloat16, torch.uint8)
+
+
+def scratch_storage(group: dict[str, Any], param_dtype: torch.dtype, eight_bit: bool) -> torch.dtype:
+    """The dtype of a batch's scratch (uint8: 8-bit codes); ``eight_bit``: its moments are."""
+    if group["param_rounding"] != "nearest":
+        return torch.float32
+    if param_dtype == torch.float32 and eight_bit:
+        return torch.uint8
+    if param_dtype == torch.float32 and group["state_dtype"] == torch.bfloat16:
+        return torch.bfloat16
+    return param_dtype
 
 
 def gradient_flags(group: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -239,11 +260,12 @@ class ElementwiseOptimizer(Optimizer):
         return (state["step"],)
 
     def _batches(self, group: dict[str, Any], scratch: Sequence[str], scalars: Callable[[tuple], dict[Hashable, float]],
-                 without_grad: bool = False) -> list[Batch]:
+                 without_grad: bool = False, relative_events: Mapping[Event, Event] | None = None) -> list[Batch]:
         """The group's parameters that take part in this step (those with a gradient, or
         all that require one), split by device, dtype, sharding (:func:`~.kernel.reduction_key`),
-        8-bit moments or not, and :meth:`_state_key`. ``scratch``: working buffers, in the
-        parameter's dtype (float32 where parameter stores do not round to nearest)."""
+        8-bit moments or not, and :meth:`_state_key`. ``scratch``: working buffers, stored as
+        :func:`scratch_storage` says; ``relative_events``: the step's events with its
+        parameter sums held relative to ``p``, which batches with narrow scratch run instead."""
         split: dict[tuple, list[Tensor]] = defaultdict(list)
         kahan = group["param_rounding"] == "kahan"
         for p in group["params"]:
@@ -280,16 +302,21 @@ class ElementwiseOptimizer(Optimizer):
                        "v": [s[self.state_buffers[1]] for s in states]}
             if kahan:
                 buffers[KAHAN] = [s[KAHAN_STATE] for s in states]
-            # the scratch of a step whose parameter stores do not round to nearest (parameter
-            # sums, kept gradients): in float32, so that only the stores to p round
-            theta_dtype = torch.float32 if group["param_rounding"] != "nearest" else None
             quantized = QUANTIZED_MOMENTS if key[3] else {}  # key[3]: the moments are 8-bit
             for name, state_name in zip(quantized, self.state_buffers):  # "m", "v" in state_buffers' order
                 buffers[quant_scales(name)] = [s[quant_scales(state_name)] for s in states]
-            keys = [tensor_key(group["seed"], places[id(p)]) for p in params] if stochastic else []
-            batch = self._batch(params, buffers, select_backend(group["fused"], params), stochastic, keys, quantized,
-                                scratch={name: theta_dtype or key[1] for name in scratch})  # key[1]: p.dtype
+            scratch_dtype = scratch_storage(group, key[1], key[3])  # key[1]: p.dtype
+            narrow = bool(scratch) and scratch_dtype in NARROW_SCRATCH and scratch_dtype != key[1]
+            typed = dict.fromkeys(scratch, scratch_dtype)
+            batch_stochastic = stochastic + (tuple(scratch) if narrow and scratch_dtype == torch.bfloat16 else ())
+            if narrow and scratch_dtype == torch.uint8:  # codes under the signed map, and their scales
+                quantized = {**quantized, **dict.fromkeys(scratch, "signed")}
+                typed.update(dict.fromkeys(map(quant_scales, scratch), torch.float32))
+            keys = [tensor_key(group["seed"], places[id(p)]) for p in params] if batch_stochastic else []
+            batch = self._batch(params, buffers, select_backend(group["fused"], params), batch_stochastic, keys,
+                                quantized, scratch=typed)
             batch.values, batch.step = scalars(key[4:]), int(key[4])
+            batch.rewrites = relative_events if narrow and relative_events else {}
             batches.append(batch)
         return batches
 
@@ -307,15 +334,19 @@ class ElementwiseOptimizer(Optimizer):
         if batch is None or not batch.matches(buffers, backend, stochastic, keys, quantized, scratch=scratch):
             if len(self._batch_cache) >= _BATCH_CACHE_SIZE:  # parameter sets that come and go
                 self._batch_cache.clear()
-            buffers = {**buffers, **{name: [self._scratch_buffer(p, name, dtype) for p in params]
+            scales = set(map(quant_scales, quantized or {}))
+            buffers = {**buffers, **{name: [self._scratch_buffer(p, name, dtype, name in scales) for p in params]
                                      for name, dtype in scratch.items()}}
             batch = self._batch_cache[key] = Batch(params, buffers, backend, stochastic, keys, quantized)
         return batch
 
-    def _scratch_buffer(self, p: Tensor, name: str, dtype: torch.dtype) -> Tensor:
+    def _scratch_buffer(self, p: Tensor, name: str, dtype: torch.dtype, scales: bool = False) -> Tensor:
+        """``p``'s working buffer ``name``: like ``p``, or, for ``scales``, one per
+        QUANT_BLOCK of its local shard (the scales of an 8-bit buffer)."""
         buffers = self._scratch.setdefault(p, {})
         if name not in buffers or buffers[name].dtype != dtype:
-            buffers[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            buffers[name] = torch.zeros(quant_blocks(local_tensor(p).numel()), dtype=dtype, device=p.device) \
+                if scales else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return buffers[name]
 
     def _gradients(self, params: list[Tensor], required: bool = True) -> list[Tensor | None]:
@@ -396,6 +427,7 @@ class ElementwiseOptimizer(Optimizer):
              runtimes: dict[str, Tensor] | None = None) -> list[Tensor]:
         """``batch.run``, reading the clipped gradient where the event reads the gradient,
         and the parameter plus its compensation under ``param_rounding="kahan"``."""
+        event = batch.rewrites.get(event, event)  # narrow scratch: parameter sums relative to p
         if KAHAN in batch.buffers:
             event = with_compensation(event, "p", KAHAN)
         if clip is not None and "g" in lower(event).inputs:
@@ -430,8 +462,10 @@ class OnePassOptimizer(ElementwiseOptimizer):
             with torch.enable_grad():
                 loss = closure()
         clip = self._gradient_clip()  # one norm over every group's gradients
-        for group in self.param_groups:
-            batches = self._batches(group, (), lambda key, group=group: self._scalars(group, key[0]))
+        # every group's batches (and their checks) before any parameter changes
+        work = [(group, self._batches(group, (), lambda key, group=group: self._scalars(group, key[0])))
+                for group in self.param_groups]
+        for group, batches in work:
             if batches:
                 self._apply(group, self._events(group), batches, clip)
                 self._count_step(batches)

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from . import cache
 from .toolkit import PROBE_KERNEL, kernel_buffers
-from .program import MIX32_MULTIPLIERS, QUANT_BLOCK, QUANT_MAPS, Kernel, Storage, quant_scales, stochastic_slots
+from .program import (MIX32_MULTIPLIERS, QUANT_BLOCK, QUANT_MAPS, Kernel, Storage, dequantize, quant_scales,
+                      stochastic_slots)
 
 __all__ = ["BACKEND", "CBackend", "c_source"]
 
@@ -54,10 +55,22 @@ _QUANTIZED_TYPE = ("uint8_t", None, None)
 # says which bits): stream{q} is hoisted per block, hash{q} computed per element.
 _STOCHASTIC_STORE = "bf16_store_stochastic({v}, hash{q} >> {shift})"
 
+def _dequant_tables() -> str:
+    """Each map's 256 code values at scale 1, from program.dequantize itself (a look-up
+    costs less than the division it holds, and gives the same bits)."""
+    codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    lines = []
+    for kind in QUANT_MAPS:
+        values = dequantize(codes, torch.ones(1), torch.zeros(256, dtype=torch.int64), kind).tolist()
+        lines.append(f"static const float dequant_{kind}_values[256] = {{{', '.join(f'{v.hex()}f' for v in values)}}};")
+    return "\n".join(lines)
+
+
 _PRELUDE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+%(tables)s
 static inline float bf16_load(uint16_t h) {
     uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
 }
@@ -70,30 +83,37 @@ static inline uint32_t mix32(uint32_t x) {  /* program.mix32 */
     x ^= x >> 16; x *= %(m0)#xu; x ^= x >> 15; x *= %(m1)#xu; return x ^ (x >> 16);
 }
 static inline uint16_t bf16_store_stochastic(float f, uint32_t bits) {  /* program.round_stochastically */
+    /* as selects, not branches: fewer vector instructions (infinities and NaN add no bits) */
     uint32_t u; memcpy(&u, &f, 4);
-    const uint32_t magnitude = u & 0x7fffffffu;
-    if (magnitude > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    if (magnitude == 0x7f800000u) return (uint16_t)(u >> 16);
-    return (uint16_t)((u + (bits & 0xffffu)) >> 16);
+    const uint32_t special = (u & 0x7f800000u) == 0x7f800000u, nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t r = (u + (special ? 0u : bits & 0xffffu)) >> 16;
+    return (uint16_t)(nan ? r | 0x40u : r);
 }
-/* program.quantize and program.dequantize, element by element */
-static inline float dequant_signed(uint8_t c, float scale) {
-    const float k = (float)(c & 127), x = (k * k) / %(s2)sf; return ((c & 128) ? -x : x) * scale;
+/* program.quantize and program.dequantize, element by element; a code's value (before
+   its block's scale) is looked up in a table the generator fills from program.dequantize */
+static inline float dequant_signed(uint8_t c, float scale) { return dequant_signed_values[c] * scale; }
+static inline float dequant_unsigned(uint8_t c, float scale) { return dequant_unsigned_values[c] * scale; }
+/* x = v / divisor, the block's largest magnitude, computed as v times the divisor's
+   reciprocal in double (a multiplication instead of a float division, which shares the
+   divider with the square roots): the error, under 2^-52 relative, is below the distance
+   of a quotient of two floats from any float32 rounding midpoint in the normal range
+   (over 2^-49 relative, as such a midpoint needs a 25-bit significand), so x is the
+   correctly rounded quotient wherever the code can be non-zero; a quotient below 2^-126
+   has code 0 either way, and the sign bit is tested exactly, on v itself: x < 0 exactly
+   when v / divisor < -2^-150 ("below"). |x| <= 1, so r + 0.5 lies in [0.5, 256) or is
+   NaN: truncation is floor there, and it vectorizes (floorf does not unless exceptions
+   are declared away). */
+static inline uint8_t quant_signed(float v, double reciprocal, double below) {
+    const float x = (float)((double)v * reciprocal), r = sqrtf(fabsf(x)) * %(s1)sf;
+    const uint32_t k = r >= 0.0f ? (uint32_t)(int32_t)(r + 0.5f) : 0u;
+    return (uint8_t)((double)v < below ? k | 128u : k);
 }
-static inline float dequant_unsigned(uint8_t c, float scale) {
-    const float k = (float)c, x = (k * k) / %(u2)sf; return (x * x) * scale;
+static inline uint8_t quant_unsigned(float v, double reciprocal) {
+    const float x = (float)((double)v * reciprocal), r = sqrtf(sqrtf(x > 0.0f ? x : 0.0f)) * %(u1)sf;
+    return (uint8_t)(r >= 0.0f ? (uint32_t)(int32_t)(r + 0.5f) : 0u);
 }
-static inline uint8_t quant_signed(float v, float divisor) {
-    const float x = v / divisor, r = sqrtf(fabsf(x)) * %(s1)sf;
-    const uint8_t k = r >= 0.0f ? (uint8_t)floorf(r + 0.5f) : 0;
-    return x < 0.0f ? (uint8_t)(k | 128) : k;
-}
-static inline uint8_t quant_unsigned(float v, float divisor) {
-    const float x = v / divisor, r = sqrtf(sqrtf(x > 0.0f ? x : 0.0f)) * %(u1)sf;
-    return r >= 0.0f ? (uint8_t)floorf(r + 0.5f) : 0;
-}
-""" % dict(m0=MIX32_MULTIPLIERS[0], m1=MIX32_MULTIPLIERS[1], s1=QUANT_MAPS["signed"][0], s2=QUANT_MAPS["signed"][1],
-           u1=QUANT_MAPS["unsigned"][0], u2=QUANT_MAPS["unsigned"][1])
+""" % dict(m0=MIX32_MULTIPLIERS[0], m1=MIX32_MULTIPLIERS[1], s1=QUANT_MAPS["signed"][0], u1=QUANT_MAPS["unsigned"][0],
+           tables=_dequant_tables())
 
 
 def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
@@ -103,12 +123,14 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     ``void imex_kernel(blocks_t, blocks_start, nblocks, numels, rows, count, coef, runtime, partial, threads)``
 
     ``rows[b * count + t]`` is the data pointer of buffer ``b`` (in ``kernel_buffers``
-    order) of tensor ``t``, and with stochastic stores row ``len(buffers)`` holds the
-    tensors' keys and ``coef`` ends with the salt; the scales of 8-bit buffers follow, in
-    ``storage.quantized`` order. ``partial[block]`` receives the block's sum of squares
-    of ``kernel.reduce`` when there is one. An 8-bit buffer's new values wait in a
-    block-sized array until the block's are all known: then each QUANT_BLOCK's scale is
-    found and its codes stored."""
+    order) of tensor ``t``, and with stochastic stores rows ``len(buffers)`` and
+    ``len(buffers) + 1`` hold the tensors' keys and their first elements' offsets in the
+    whole tensors (``tables.keys``, ``tables.offsets``) and ``coef`` ends with the salt;
+    the scales of 8-bit buffers follow, in ``storage.quantized`` order. ``partial[block]``
+    receives the block's sum of squares of ``kernel.reduce`` when there is one. With 8-bit
+    buffers a block is walked one QUANT_BLOCK at a time (blocks start at multiples of it):
+    its scales are read once, its new values wait in a QUANT_BLOCK-sized array (in L1)
+    until all are known, then its scale is found and its codes stored."""
     if not isinstance(storage, Storage):
         storage = Storage.of(kernel, storage)
     compute = "double" if storage.compute == torch.float64 else "float"
@@ -119,6 +141,7 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     index = {name: k for k, name in enumerate(buffers)}
     slots = stochastic_slots(kernel, storage)
     pairs = sorted({q for q, _ in slots.values()})
+    step = QUANT_BLOCK if quantized else BLOCK  # elements per pass of the inner loop
     lines = [_PRELUDE, "void imex_kernel(const int32_t* restrict blocks_t, const int64_t* restrict blocks_start, "
              "int64_t nblocks, const int64_t* restrict numels, const int64_t* restrict rows, int64_t count, "
              "const double* restrict coef, const double* restrict runtime, double* restrict partial, int threads) {",
@@ -132,15 +155,13 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     if storage.stochastic:
         lines.append(f"    const uint32_t base = mix32((uint32_t)rows[{len(buffers)} * count + t] ^ "
                      f"(uint32_t)coef[{len(kernel.coefficients)}]);")
-        lines.append("    const uint32_t first = (uint32_t)start;  /* the element index of o = 0 */")
         lines += [f"    const uint32_t stream{q} = mix32(base + {q + 1}u);" for q in pairs]
-    first_scale_row = len(buffers) + (1 if storage.stochastic else 0)
+        lines.append(f"    const uint32_t shard_first = (uint32_t)rows[{len(buffers) + 1} * count + t];")
+    first_scale_row = len(buffers) + (2 if storage.stochastic else 0)
     for j, (name, _) in enumerate(storage.quantized):
         const = "" if name in kernel.outputs else "const "
         lines.append(f"    {const}float* restrict scale{index[name]} = ({const}float*)(intptr_t)"
                      f"rows[{first_scale_row + j} * count + t];")
-        if name in kernel.outputs:
-            lines.append(f"    float values{index[name]}[{BLOCK}];  /* the block's new values, to quantize */")
     body, hoisted = [], []
     for n, node in enumerate(kernel.nodes):
         op, args = node[0], node[1:]
@@ -150,51 +171,58 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
             hoisted.append(f"    const {compute} x{n} = ({compute})runtime[{kernel.runtimes.index(args[0])}];")
         elif op == "tensor" and args[0] in quantized:
             k = index[args[0]]
-            body.append(f"      const {compute} x{n} = dequant_{quantized[args[0]]}(buf{k}[i], "
-                        f"scale{k}[i / {QUANT_BLOCK}]);")
+            body.append(f"        const {compute} x{n} = dequant_{quantized[args[0]]}(buf{k}[i], block_scale{k});")
         elif op == "tensor":
-            body.append(f"      const {compute} x{n} = {types[args[0]][1].format(p=f'buf{index[args[0]]}')};")
+            body.append(f"        const {compute} x{n} = {types[args[0]][1].format(p=f'buf{index[args[0]]}')};")
         else:
-            body.append(f"      const {compute} x{n} = {_c_expression(op, [f'x{a}' for a in args], fn)};")
+            body.append(f"        const {compute} x{n} = {_c_expression(op, [f'x{a}' for a in args], fn)};")
     lines += hoisted
+    if kernel.reduce is not None:
+        lines.append("    double sum = 0.0;")
+    lines += [f"    for (int64_t s = start; s < end; s += {step}) {{",
+              f"      const int32_t n = (int32_t)((s + {step} < end ? s + {step} : end) - s);"]
+    for name, _ in storage.quantized:  # read before the pass stores this QUANT_BLOCK's new scale
+        if name in kernel.inputs:
+            lines.append(f"      const float block_scale{index[name]} = scale{index[name]}[s / {QUANT_BLOCK}];")
+        if name in kernel.outputs:
+            lines.append(f"      float values{index[name]}[{QUANT_BLOCK}];  /* the new values, to quantize */")
+    if storage.stochastic:  # the hash counts elements in 32-bit lanes: it vectorizes as they do
+        lines.append("      const uint32_t first = shard_first + (uint32_t)s;  /* the element index of o = 0 */")
     # omp simd: the elements are independent and the buffers distinct, which the compiler
     # cannot prove past a few pointers (it would not vectorize); a vectorized sum without
     # relaxing the math elsewhere
-    if kernel.reduce is not None:
-        lines += ["    double sum = 0.0;", "    #pragma omp simd reduction(+:sum)"]
-    else:
-        lines.append("    #pragma omp simd")
-    # a 32-bit counter: the element index the stochastic stores hash vectorizes in 32-bit lanes
-    lines += ["    for (int32_t o = 0; o < (int32_t)(end - start); ++o) {", "      const int64_t i = start + o;"]
+    lines.append("      #pragma omp simd" + (" reduction(+:sum)" if kernel.reduce is not None else ""))
+    lines += ["      for (int32_t o = 0; o < n; ++o) {", "        const int64_t i = s + o;"]
     lines += body
     if kernel.reduce is not None:
-        lines.append(f"      sum += (double)x{kernel.reduce} * (double)x{kernel.reduce};")
-    lines += [f"      const uint32_t hash{q} = mix32((first + (uint32_t)o) ^ stream{q});" for q in pairs]
+        lines.append(f"        sum += (double)x{kernel.reduce} * (double)x{kernel.reduce};")
+    lines += [f"        const uint32_t hash{q} = mix32((first + (uint32_t)o) ^ stream{q});" for q in pairs]
     for name, node in kernel.writes:
         if name in quantized:
-            lines.append(f"      values{index[name]}[o] = (float)x{node};")
+            lines.append(f"        values{index[name]}[o] = (float)x{node};")
             continue
         if name in slots:
             store = _STOCHASTIC_STORE.format(v=f"x{node}", q=slots[name][0], shift=16 * slots[name][1])
         else:
             store = types[name][2].format(v=f"x{node}")
-        lines.append(f"      buf{index[name]}[i] = {store};")
-    lines.append("    }")
+        lines.append(f"        buf{index[name]}[i] = {store};")
+    lines.append("      }")
     for name, kind in storage.quantized:
-        if name in kernel.outputs:  # each QUANT_BLOCK's scale (NaN ignored), then its codes
-            k = index[name]
-            lines += [f"    for (int64_t s = start; s < end; s += {QUANT_BLOCK}) {{",
-                      f"      const int64_t stop = s + {QUANT_BLOCK} < end ? s + {QUANT_BLOCK} : end;",
-                      "      float absmax = 0.0f;",
-                      "      #pragma omp simd reduction(max:absmax)",
-                      f"      for (int64_t i = s; i < stop; ++i) {{ const float a = fabsf(values{k}[i - start]); "
+        if name in kernel.outputs:  # the scale (NaN ignored), then the codes
+            k, signed = index[name], kind == "signed"
+            lines += ["      {",
+                      "        float absmax = 0.0f;",
+                      "        #pragma omp simd reduction(max:absmax)",
+                      f"        for (int32_t o = 0; o < n; ++o) {{ const float a = fabsf(values{k}[o]); "
                       "absmax = a > absmax ? a : absmax; }",
-                      f"      scale{k}[s / {QUANT_BLOCK}] = absmax;",
-                      "      const float divisor = absmax > 0.0f ? absmax : 1.0f;",
-                      "      #pragma omp simd",
-                      f"      for (int64_t i = s; i < stop; ++i) "
-                      f"buf{k}[i] = quant_{kind}(values{k}[i - start], divisor);",
-                      "    }"]
+                      f"        scale{k}[s / {QUANT_BLOCK}] = absmax;",
+                      "        const double divisor = absmax > 0.0f ? absmax : 1.0f, reciprocal = 1.0 / divisor;",
+                      *(["        const double below = -divisor * 0x1p-150;"] if signed else []),
+                      "        #pragma omp simd",
+                      f"        for (int32_t o = 0; o < n; ++o) buf{k}[s + o] = "
+                      f"quant_{kind}(values{k}[o], reciprocal{', below' if signed else ''});",
+                      "      }"]
+    lines.append("    }")
     if kernel.reduce is not None:
         lines.append("    partial[b] = sum;")
     lines += ["  }", "}", ""]
@@ -226,6 +254,13 @@ def _openmp_flags() -> list[str]:
     torch_lib = Path(torch.__file__).parent / "lib"
     bundled = sorted(torch_lib.glob("libgomp*.so*"))
     return ["-fopenmp"] + ([str(bundled[0]), f"-Wl,-rpath,{torch_lib}"] if bundled else [])
+
+
+# This CPU's instructions (the cache key holds its fingerprint); where it has AVX-512, full
+# 512-bit vectors: the kernels with bfloat16 or 8-bit state do enough integer and
+# conversion work per element to gain from them, and element-wise IEEE results do not
+# depend on the width. Compilers that lack a flag build without these.
+_TUNING = ["-march=native"] + (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])
 
 
 def _cpu_fingerprint() -> str:
@@ -275,7 +310,7 @@ class CBackend:
         names = kernel_buffers(kernel)
         rows = [tables.row(name, buffers[name]) for name in names]
         if isinstance(storage, Storage):
-            rows += [tables.keys] if storage.stochastic else []
+            rows += [tables.keys, tables.offsets] if storage.stochastic else []
             rows += [tables.row(quant_scales(name), buffers[quant_scales(name)]) for name, _ in storage.quantized]
         rows = torch.stack(rows)
         block_t, block_start = tables.blocks(BLOCK)
@@ -301,7 +336,7 @@ class CBackend:
 
     def _load(self, kernel: Kernel, dtype: torch.dtype):
         source = c_source(kernel, dtype)
-        flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", *_openmp_flags()]
+        flags = ["-O3", *_TUNING, "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", *_openmp_flags()]
         digest = hashlib.sha256("\n".join([source, *flags, self.compiler() or "", _cpu_fingerprint()]).encode())
         binary = cache.cached("cpu", f"imex_{digest.hexdigest()[:24]}.so", lambda: self._compile(source, flags))
         library = ctypes.CDLL(str(cache.private_copy(binary, ".so")))
@@ -318,8 +353,8 @@ class CBackend:
             (Path(work) / "kernel.c").write_text(source)
             command = [self.compiler(), *flags[:1], "kernel.c", "-o", "kernel.so", *flags[1:]]
             result = subprocess.run(command, capture_output=True, text=True, cwd=work)
-            if result.returncode != 0 and "-march=native" in command:  # compilers that lack it
-                command.remove("-march=native")
+            if result.returncode != 0 and any(flag in command for flag in _TUNING):  # compilers that lack them
+                command = [part for part in command if part not in _TUNING]
                 result = subprocess.run(command, capture_output=True, text=True, cwd=work)
             if result.returncode != 0:
                 raise RuntimeError(f"compiling a CPU kernel failed ({' '.join(command)}):\n"

@@ -186,8 +186,8 @@ class IMEXAdam(ElementwiseOptimizer):
         loss = None
         if closure is not None and not pre_gradient:
             loss = self._evaluate(closure, plans[0])
-        batches = [self._batches(group, plan.scratch, self._scalars(group, plan), without_grad=pre_gradient)
-                   for group, plan in zip(groups, plans)]
+        batches = [self._batches(group, plan.scratch, self._scalars(group, plan), without_grad=pre_gradient,
+                                 relative_events=plan.relative_events) for group, plan in zip(groups, plans)]
         for index, event in enumerate(plans[0].events):
             if event.gradient >= 2 or (event.gradient == 1 and pre_gradient):  # the parameters moved
                 for group in groups:

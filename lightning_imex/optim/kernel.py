@@ -18,6 +18,7 @@ tensors that do not get the eager path, in the same step.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Mapping, Protocol, Sequence
 
@@ -29,8 +30,8 @@ from .cache import cache_dir  # re-exported: where generated kernels live
 from .program import Event, Kernel, Rounding, Storage, lower, quant_scales, rounding_salt, run_eager, tensor
 from .toolkit import PointerTables, dense_layout, to_device
 
-__all__ = ["Batch", "select_backend", "local_tensor", "reduction_key", "all_reduce_sum", "cache_dir",
-           "COMPILED_MIN_NUMEL"]
+__all__ = ["Batch", "select_backend", "local_tensor", "reduction_key", "shard_offset", "all_reduce_sum",
+           "cache_dir", "COMPILED_MIN_NUMEL"]
 
 
 class CompiledBackend(Protocol):
@@ -46,8 +47,9 @@ class CompiledBackend(Protocol):
         """Runs ``kernel`` over every tensor of ``tables`` (``buffers``: name -> one tensor
         per table entry) with its buffers held as ``storage`` says (a dtype: all in it);
         returns per-block partial sums of squares of ``kernel.reduce`` (None without one).
-        With stochastic stores, ``tables.keys`` holds the tensors' keys and the last
-        coefficient the salt (:class:`~.program.Rounding`)."""
+        With stochastic stores, ``tables.keys`` and ``tables.offsets`` hold the tensors'
+        keys and first elements' offsets, and the last coefficient is the salt
+        (:class:`~.program.Rounding`)."""
 
 
 def _backends() -> dict[str, CompiledBackend]:
@@ -108,6 +110,41 @@ def reduction_key(t: Tensor) -> tuple | None:
     return mesh, tuple(dim for dim, placement in enumerate(t.placements) if placement.is_shard())
 
 
+def shard_offset(t: Tensor) -> int:
+    """The offset in the whole tensor of the first element of ``t``'s local shard: for a
+    DTensor sharded on dim 0 (FSDP2; torch.chunk's rows, per sharded mesh dimension in
+    order), its first row times a row's elements; 0 for an ordinary tensor. With dim 0
+    outermost in the shard's layout, that plus an element's offset in the shard's storage
+    is its offset in the whole tensor's storage (in the same layout): the index stochastic
+    rounding hashes (:mod:`.program`), so sharding does not change the bits. Other
+    placements (a shard of columns, a strided shard) do not keep an element's index, and
+    are refused."""
+    mesh = getattr(t, "device_mesh", None)
+    coordinate = mesh.get_coordinate() if mesh is not None else None
+    if coordinate is None:  # not a DTensor, or this rank holds none of it
+        return 0
+    from torch.distributed.tensor import Shard  # only where DTensors are in use
+
+    local = local_tensor(t)
+    start, rows = 0, (t.shape[0] if t.dim() else 1)
+    outermost = local.dim() == 0 or local.shape[0] <= 1 or local.stride(0) * local.shape[0] == local.numel()
+    for dim, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            continue
+        if type(placement) is not Shard or placement.dim != 0 or not outermost:
+            raise ValueError(f"stochastic rounding (bfloat16 state or scratch, param_rounding='stochastic') of a "
+                             f"DTensor needs Shard(0) or Replicate placements and dim 0 outermost in the local "
+                             f"shard's layout (FSDP2's default); got placements {tuple(t.placements)} with local "
+                             f"shape {tuple(local.shape)} and strides {local.stride()}")
+        chunk = -(-rows // mesh.size(dim))  # torch.chunk: the last chunks may be smaller, or empty
+        first = min(chunk * coordinate[dim], rows)
+        start, rows = start + first, min(chunk, rows - first)
+    if t.dim() and rows != local.shape[0]:
+        raise ValueError(f"stochastic rounding of a DTensor: its local shard has {local.shape[0]} rows where "
+                         f"torch.chunk's sharding of {t.shape[0]} rows gives {rows} (placements {tuple(t.placements)})")
+    return start * math.prod(local.shape[1:])
+
+
 def all_reduce_sum(value: Tensor, key: tuple | None) -> Tensor:
     """``value``, a sum over local elements of tensors with :func:`reduction_key` ``key``,
     summed over the ranks that shard them."""
@@ -131,14 +168,18 @@ class Batch:
     while :meth:`matches` (the optimizer keeps it); ``values``, the step's named scalars,
     and ``step``, the completed steps (salting stochastic rounding), are set every step.
     ``stochastic``: the buffers whose stores round stochastically, with one key per
-    parameter in ``keys`` (:func:`~.program.tensor_key`). ``quantized``: the 8-bit buffers
-    (buffer -> map), whose scales are in ``buffers`` too (:func:`~.program.quant_scales`)."""
+    parameter in ``keys`` (:func:`~.program.tensor_key`) and, in ``offsets``, the offset of
+    each parameter's local shard in the whole tensor (:func:`shard_offset`). ``quantized``:
+    the 8-bit buffers (buffer -> map), whose scales are in ``buffers`` too
+    (:func:`~.program.quant_scales`)."""
 
     def __init__(self, params: list[Tensor], buffers: dict[str, list[Tensor]], backend: CompiledBackend | None,
                  stochastic: Sequence[str] = (), keys: Sequence[int] = (),
                  quantized: Mapping[str, str] | None = None) -> None:
         self.params, self.backend, self.values, self.step = params, backend, {}, 0
+        self.rewrites: Mapping[Event, Event] = {}  # events the optimizer runs in another form on this batch
         self.stochastic, self.keys, self.quantized = tuple(stochastic), tuple(keys), dict(quantized or {})
+        self.offsets = tuple(map(shard_offset, params)) if self.stochastic else ()
         self._storage: dict[Kernel, Storage] = {}
         self._given = buffers
         self._pointers = [p.data_ptr() for p in params]
@@ -152,6 +193,8 @@ class Batch:
             if self.stochastic:
                 self.tables.keys = to_device(torch.tensor([self.keys[i] for i in self.compiled], dtype=torch.int64),
                                              local[0].device)
+                self.tables.offsets = to_device(torch.tensor([self.offsets[i] for i in self.compiled],
+                                                             dtype=torch.int64), local[0].device)
 
     def matches(self, buffers: dict[str, list[Tensor]], backend: CompiledBackend | None,
                 stochastic: Sequence[str] = (), keys: Sequence[int] = (),
@@ -192,7 +235,8 @@ class Batch:
         if storage.stochastic:
             salt = rounding_salt(self.step, kernel.gradient)
             chosen = set(self.compiled)
-            rounding = Rounding(tuple(k for i, k in enumerate(self.keys) if i not in chosen), salt)
+            rounding = Rounding(tuple(k for i, k in enumerate(self.keys) if i not in chosen), salt,
+                                tuple(o for i, o in enumerate(self.offsets) if i not in chosen))
             coefficients = [*coefficients, float(salt)]  # the compiled paths read the salt last
         sums = run_eager(kernel, eager, coefficients, runtimes, storage, rounding) if eager else []
         if self.compiled:

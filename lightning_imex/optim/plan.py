@@ -16,7 +16,10 @@ as it was evaluated (one buffer serves ``m`` and ``v``: ``g_k^2`` is recomputed)
 event up to ``fold`` recomputes its stage moments, directions and parameters from
 these; at ``fold`` the final moments replace ``m_n, v_n`` and the parameters still to
 be written after it become running sums of ``theta_n``, which later events add to.
-``ssp3_433`` thus holds 2 scratch buffers per parameter, ``ars343`` 3.
+``ssp3_433`` thus holds 2 scratch buffers per parameter, ``ars343`` 3. No scratch value
+outlives a step. Where the scratch is narrower than the parameters (bfloat16 or 8-bit
+state), the optimizer runs :attr:`Plan.relative_events` instead: the parameter sums
+held as their difference from ``p``.
 
 Events depend only on structure, never on lr/betas: their scalars are typed keys
 (:class:`MomentWeight`, :class:`PendingWeight`, :class:`StepWeight`,
@@ -35,7 +38,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Hashable, Sequence
 
-from .program import Event, Expr, LEAVES, decayed, gradient, lower, maximum, scalar, sqrt, tensor
+from .program import Event, Expr, LEAVES, decayed, gradient, lower, maximum, scalar, sqrt, tensor, with_offset
 from .tableau import TABLEAUX, IMEXTableau, get_tableau, moment_polynomials, moment_rows
 
 __all__ = ["Plan", "build_plan", "describe", "MomentWeight", "PendingWeight", "StepWeight", "Correction",
@@ -115,12 +118,33 @@ class Plan:
 
     tableau: IMEXTableau
     events: tuple[Event, ...]
-    # per-tensor buffers alive during one step, in the parameter's dtype: no moments are
-    # among them (the state buffers hold m_n, later the running sums)
+    # per-tensor buffers alive during one step (none outlives it): no moments are among
+    # them (the state buffers hold m_n, later the running sums)
     scratch: tuple[str, ...]
     reuse_gradient: bool
     # per event, the named values it computes (stage moments, directions), for describe()
     definitions: tuple[tuple[tuple[str, Expr], ...], ...] = ()
+    # the scratch buffers that hold parameters (theta_n, running sums of theta_n): the
+    # others are kept gradients
+    parameter_sums: tuple[str, ...] = ()
+
+    @cached_property
+    def relative_events(self) -> dict[Event, Event]:
+        """Each event with its parameter sums held as their difference from ``p``
+        (:func:`~.program.with_offset`): how narrow scratch stores them (the difference is a
+        few updates, small beside the parameter; docs/optimizer-core.md, "State precision")."""
+        events = list(self.events)
+        for buffer in self.parameter_sums:
+            events = [with_offset(event, buffer, "p", kept=self._read_next(buffer, i))
+                      for i, event in enumerate(events)]
+        return dict(zip(self.events, events))
+
+    def _read_next(self, buffer: str, event: int) -> bool:
+        """Whether the first event after number ``event`` that touches ``buffer`` reads it."""
+        for later in map(lower, self.events[event + 1:]):
+            if buffer in later.inputs or buffer in later.outputs:
+                return buffer in later.inputs
+        return False
 
     @property
     def has_pre_gradient_event(self) -> bool:
@@ -301,9 +325,9 @@ def build_plan(tableau: IMEXTableau, reuse_gradient: bool = False, l2: bool = Fa
     kept = [k for k in range(fold - 1) if any(stored_gradient(k) in lower(ev).inputs for ev in candidates)]
     built, definitions = events(kept)
     scratch = [stored_gradient(k) for k in kept]
-    scratch += [theta_sum(j) for j in range(max(len(later), int(keeps_theta_n)))]
-    return Plan(tableau=tableau, events=tuple(built), scratch=tuple(scratch), reuse_gradient=reuse_gradient,
-                definitions=tuple(definitions))
+    sums = tuple(theta_sum(j) for j in range(max(len(later), int(keeps_theta_n))))
+    return Plan(tableau=tableau, events=tuple(built), scratch=(*scratch, *sums), reuse_gradient=reuse_gradient,
+                definitions=tuple(definitions), parameter_sums=sums)
 
 
 # Plans as text.

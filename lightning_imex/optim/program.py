@@ -37,9 +37,9 @@ from torch import Tensor
 
 __all__ = ["Expr", "Event", "Kernel", "Node", "tensor", "scalar", "runtime", "sqrt", "maximum", "minimum", "clamp",
            "round_bf16", "lower", "run_eager", "with_gradient", "LR", "B1", "B2", "EPS", "WD", "K", "gradient",
-           "decayed", "with_compensation", "COMPUTE_DTYPES", "Storage", "Rounding", "mix32", "tensor_key",
-           "rounding_salt", "round_stochastically", "element_offsets", "stochastic_slots", "QUANT_BLOCK", "QUANT_MAPS",
-           "quant_scales", "quant_blocks", "quantize", "dequantize"]
+           "decayed", "with_compensation", "with_offset", "COMPUTE_DTYPES", "Storage", "Rounding", "mix32",
+           "tensor_key", "rounding_salt", "round_stochastically", "element_offsets", "stochastic_slots", "QUANT_BLOCK",
+           "QUANT_MAPS", "quant_scales", "quant_blocks", "quantize", "dequantize"]
 
 # Operators by arity. Comparisons are deliberately absent: every node is a number.
 UNARY = ("neg", "abs", "sqrt", "bf16")  # bf16: rounded to the nearest bfloat16, kept as a number
@@ -252,6 +252,25 @@ def with_compensation(event: Event, buffer: str, compensation: str) -> Event:
     return Event(event.gradient, writes, visit(event.reduce) if event.reduce is not None else None)
 
 
+@lru_cache(maxsize=None)
+def with_offset(event: Event, buffer: str, base: str, kept: bool) -> Event:
+    """``event`` with ``buffer`` holding its value minus ``base``'s: the event reads
+    ``base + buffer`` wherever it read ``buffer``; a write of ``x`` to ``buffer`` stores
+    ``x - b``, ``b`` the value ``base`` holds after the event (its write, else ``base``);
+    an event that writes ``base`` but not ``buffer`` rewrites ``buffer`` against the new
+    value when ``kept`` (a later event reads it). A buffer that holds ``base`` plus small
+    updates (a parameter sum) then holds only the updates, so a narrow store of it loses a
+    fraction of the updates, not of ``base``. ``base``'s stores must be exact (float32)."""
+    visit = _substitution(tensor(buffer), tensor(base) + tensor(buffer))
+    writes = {name: visit(x) for name, x in event.writes}
+    after = writes.get(base, tensor(base))
+    if buffer in writes:
+        writes[buffer] = writes[buffer] - after
+    elif base in writes and kept:
+        writes[buffer] = tensor(base) + tensor(buffer) - after
+    return Event(event.gradient, writes, visit(event.reduce) if event.reduce is not None else None)
+
+
 # A lowered node: (op, operands). Operands are node indices, except for the leaves:
 # ("tensor", name) loads an input buffer, ("coef", slot) reads a coefficient,
 # ("runtime", name) a runtime scalar.
@@ -461,9 +480,12 @@ def dequantize(codes: Tensor, scales: Tensor, offsets: Tensor, kind: str) -> Ten
 #   tensor key  = mix32(mix32(seed) ^ tensor index)          (host, once)
 #   salt        = mix32(mix32(step) + gradient evaluation)   (host, per event)
 #   stream_q    = mix32(mix32(key ^ salt) + q + 1)           (per tensor and pair q of stochastic writes)
-#   hash_q      = mix32(element index ^ stream_q)            (per element: its offset in the tensor's storage)
-# and the r-th stochastic write of an event (in the order of its writes) takes the bits
-# hash_{r // 2} >> (16 * (r % 2)): one hash serves two stores, 16 bits each.
+#   hash_q      = mix32(element index ^ stream_q)            (per element, mod 2**32)
+# where an element's index is its offset in the whole tensor: its offset in its storage plus,
+# for a DTensor's local shard (FSDP2), the offset of the shard's first row in the whole tensor
+# (kernel.shard_offset), so a sharded run rounds as one process does. The r-th stochastic
+# write of an event (in the order of its writes) takes the bits hash_{r // 2} >> (16 * (r % 2)):
+# one hash serves two stores, 16 bits each.
 # mix32 is the "lowbias32" integer hash (C. Wellons): two multiplications, three xor-shifts.
 MIX32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 MASK32 = 0xFFFFFFFF
@@ -524,10 +546,13 @@ def stochastic_slots(kernel: Kernel, storage: Storage) -> dict[str, tuple[int, i
 @dataclass(frozen=True)
 class Rounding:
     """The inputs of the random bits of a launch's stochastic stores: one key per tensor
-    (:func:`tensor_key`) and the event's salt (:func:`rounding_salt`)."""
+    (:func:`tensor_key`), the event's salt (:func:`rounding_salt`), and one offset per
+    tensor that its element indices start from (a local shard's offset in the whole tensor,
+    0 for a tensor held whole)."""
 
     keys: tuple[int, ...]
     salt: int
+    offsets: tuple[int, ...]
 
     def stream(self, tensor: int, pair: int) -> int:
         """stream_q of pair ``pair`` for the ``tensor``-th key."""
@@ -578,7 +603,8 @@ def run_eager(kernel: Kernel, buffers: Mapping[str, Sequence[Tensor]], coefficie
             elif buffer in stochastic:
                 pair, half = slots[buffer]
                 if pair not in hashes:
-                    hashes[pair] = _mix32_tensor((element_offsets(target) & MASK32) ^ rounding.stream(i, pair))
+                    indices = (element_offsets(target) + rounding.offsets[i]) & MASK32
+                    hashes[pair] = _mix32_tensor(indices ^ rounding.stream(i, pair))
                 value = round_stochastically(value.to(torch.float32).expand(target.shape), hashes[pair] >> (16 * half))
             target.copy_(value)
     return sums

@@ -50,7 +50,10 @@ class PointerTables:
         self.total = sum(self._numels)
         self._rows: dict[str, tuple[list[int], Tensor]] = {}
         self._blocks: dict[int, tuple[Tensor, Tensor]] = {}
-        self.keys: Tensor | None = None  # per tensor, for stochastic rounding (int64 holding uint32)
+        # per tensor, for stochastic rounding: its key (int64 holding uint32), and the offset
+        # in the whole tensor of its first element (a local shard's; 0 for a tensor held whole)
+        self.keys: Tensor | None = None
+        self.offsets: Tensor | None = None
 
     def row(self, name: str, tensors: Sequence[Tensor]) -> Tensor:
         pointers = [t.data_ptr() for t in tensors]

@@ -101,11 +101,12 @@ def triton_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     """The Python source of ``imex_kernel``, the Triton kernel for ``kernel`` with its
     buffers held as ``storage`` says (a dtype: all in it). Its arguments: one row of data
     pointers per buffer (:func:`kernel_buffers` order), the tensors' sizes, the block
-    table, the tensors' keys with stochastic stores, the coefficients (then the salt, with
-    stochastic stores) and the runtime scalars when the kernel reads any, and ``partial``
-    (one sum of squares of ``kernel.reduce`` per block, in float64 as on the eager path)
-    when it has one; the scales of 8-bit buffers follow the rows, in ``storage.quantized``
-    order. A program holds whole QUANT_BLOCKs, so it finds their scales and codes itself."""
+    table, with stochastic stores the tensors' keys and their first elements' offsets in
+    the whole tensors, the coefficients (then the salt, with stochastic stores) and the
+    runtime scalars when the kernel reads any, and ``partial`` (one sum of squares of
+    ``kernel.reduce`` per block, in float64 as on the eager path) when it has one; the
+    scales of 8-bit buffers follow the rows, in ``storage.quantized`` order. A program
+    holds whole QUANT_BLOCKs, so it finds their scales and codes itself."""
     if not isinstance(storage, Storage):
         storage = Storage.of(kernel, storage)
     compute = "tl.float64" if storage.compute == torch.float64 else "tl.float32"
@@ -115,7 +116,7 @@ def triton_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     arguments = [f"row{k}" for k in range(len(buffers))]
     arguments += [f"scales{buffers.index(name)}" for name, _ in storage.quantized]
     arguments += ["numels", "block_tensor", "block_start"]
-    arguments += ["keys"] if storage.stochastic else []
+    arguments += ["keys", "shard_offsets"] if storage.stochastic else []
     arguments += ["coefficients"] if kernel.coefficients or storage.stochastic else []
     arguments += [f"runtime{k}" for k in range(len(kernel.runtimes))]
     arguments += ["partial"] if kernel.reduce is not None else []
@@ -136,6 +137,7 @@ def triton_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
         lines += _mix32("base", "tl.load(keys + t).to(tl.uint32) ^ salt", "    ")
         for q in sorted({q for q, _ in stochastic_slots(kernel, storage).values()}):
             lines += _mix32(f"stream{q}", f"base + {q + 1}", "    ")
+        lines.append("    indices = (offsets + tl.load(shard_offsets + t)).to(tl.uint32)  # in the whole tensor")
     addresses = " | ".join(f"address{k}" for k in range(len(buffers)))
     lines.append(f"    if (start + BLOCK <= n) & (({addresses}) % {ALIGNMENT} == 0):")
     lines += _body(kernel, storage, per_element, buffers, elements, compute, masked=False)
@@ -218,7 +220,7 @@ def _body(kernel: Kernel, storage: Storage, per_element: list[bool], buffers: tu
         lines.append(f"{indent}tl.store(partial + block, tl.sum(r * r, axis=0))")
     slots = stochastic_slots(kernel, storage)
     for q in sorted({q for q, _ in slots.values()}):
-        lines += _mix32(f"hash{q}", f"offsets.to(tl.uint32) ^ stream{q}", indent)
+        lines += _mix32(f"hash{q}", f"indices ^ stream{q}", indent)
     for name, n in kernel.writes:
         if name in quantized:
             lines += _quantized_store(f"x{n}.to(tl.float32)", index[name], quantized[name], masked, indent)
@@ -325,7 +327,7 @@ class TritonBackend:
         block_tensor, block_start = tables.blocks(BLOCK)
         arguments = [*rows, tables.numels, block_tensor, block_start]
         stochastic = isinstance(storage, Storage) and bool(storage.stochastic)
-        arguments += [tables.keys] if stochastic else []
+        arguments += [tables.keys, tables.offsets] if stochastic else []
         if kernel.coefficients or stochastic:
             arguments.append(to_device(torch.tensor(list(coefficients), dtype=torch.float64), tables.device))
         arguments += [runtimes[name].to(tables.device, non_blocking=True) for name in kernel.runtimes]
