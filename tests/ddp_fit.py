@@ -1,6 +1,7 @@
 """Fits the test classifier with IMEX trapezoidal on CPU processes and saves the final
-weights: ``python tests/ddp_fit.py DEVICES BATCH_SIZE OUT``. Run by test_ddp.py; with
-DEVICES=2 Lightning starts the second (gloo) process by running this script again."""
+weights: ``python tests/ddp_fit.py DEVICES BATCH_SIZE OUT``. Run by test_ddp.py (which fits
+in one process in its own, with :func:`fit`); with DEVICES=2 Lightning starts the second
+(gloo) process by running this script again."""
 
 import sys
 
@@ -24,13 +25,18 @@ class Shards(L.LightningDataModule):
         return DataLoader(data, batch_size=self.batch_size, sampler=shards)
 
 
-if __name__ == "__main__":
-    devices, batch_size, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def fit(devices: int, batch_size: int) -> tuple[Classifier, L.Trainer]:
+    """The classifier after 6 steps on ``devices`` processes, each of ``batch_size`` samples."""
     module = Classifier(optimizer={"name": "imex_adam", "lr": 0.05, "tableau": "trapezoidal"},
                         clipping={"algorithm": "norm", "threshold": 1.0})
-    fit = trainer(max_steps=6, devices=devices, strategy="ddp" if devices > 1 else "auto",
-                  use_distributed_sampler=False)
-    fit.fit(module, datamodule=Shards(batch_size))
+    fitted = trainer(max_steps=6, devices=devices, strategy="ddp" if devices > 1 else "auto",
+                     use_distributed_sampler=False)
+    fitted.fit(module, datamodule=Shards(batch_size))
     assert module.calls == 12, module.calls  # both evaluations of every step ran on this rank
-    if fit.global_rank == 0:
-        torch.save(module.state_dict(), out)
+    return module, fitted
+
+
+if __name__ == "__main__":
+    module, fitted = fit(int(sys.argv[1]), int(sys.argv[2]))
+    if fitted.global_rank == 0:
+        torch.save(module.state_dict(), sys.argv[3])

@@ -1,7 +1,8 @@
 """Runs the app's entry point many times without paying its imports each time: a server
 process imports torch, Lightning, Hydra and ``lightning_imex.train`` once (about 5 s),
 then forks a child per run that calls ``lightning_imex.train.main()`` as the console
-script does, with its own ``sys.argv``, working directory, stdout and stderr. Each run is
+script does (or runs a script as ``python SCRIPT`` would: the README's examples), with its
+own ``sys.argv``, working directory, stdout and stderr. Each run is
 still a process of its own: it can SIGKILL itself (``crash_callbacks``) and the server
 reports how it ended as ``subprocess`` does (``returncode`` -9).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import runpy
 import select
 import shutil
 import signal
@@ -51,15 +53,17 @@ class AppServer:
     def wait_ready(self) -> None:
         self._answer(STARTUP)
 
-    def run(self, cwd: Path, args: list[str], timeout: float = TIMEOUT, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess:
-        """Runs ``lightning-imex-train *args`` in ``cwd`` (with the environment ``env``, else
-        the server's); raises ``TimeoutError`` (with the run's stderr) if it takes longer
-        than ``timeout`` seconds (the server kills it)."""
+    def run(self, cwd: Path, args: list[str], timeout: float = TIMEOUT, env: dict[str, str] | None = None,
+            script: Path | None = None) -> subprocess.CompletedProcess:
+        """Runs ``lightning-imex-train *args`` (or with ``script``, ``python script *args``)
+        in ``cwd`` (with the environment ``env``, else the server's); raises
+        ``TimeoutError`` (with the run's stderr) if it takes longer than ``timeout``
+        seconds (the server kills it)."""
         self.requests += 1
         out, err = (self.scratch / f"run-{id(self)}-{self.requests}.{name}" for name in ("stdout", "stderr"))
         out.touch(), err.touch()  # there to read even if the child dies before it opens them
-        request = {"cwd": str(cwd), "argv": ["lightning-imex-train", *args], "stdout": str(out), "stderr": str(err),
+        argv = [str(script) if script else "lightning-imex-train", *args]
+        request = {"cwd": str(cwd), "argv": argv, "script": script is not None, "stdout": str(out), "stderr": str(err),
                    "timeout": timeout, "env": None if env is None else {**env, **THREADS}}
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
@@ -67,8 +71,7 @@ class AppServer:
         stdout, stderr = (path.read_text(errors="replace") for path in (out, err))
         out.unlink(), err.unlink()
         if answer["returncode"] is None:
-            raise TimeoutError(f"lightning-imex-train {' '.join(args)} ran over {timeout} s; its stderr ends:\n"
-                               f"{stderr[-3000:]}")
+            raise TimeoutError(f"{' '.join(argv)} ran over {timeout} s; its stderr ends:\n{stderr[-3000:]}")
         return subprocess.CompletedProcess(request["argv"], answer["returncode"], stdout, stderr)
 
     def _answer(self, timeout: float) -> dict:
@@ -163,8 +166,9 @@ def fork_and_wait(request: dict) -> int | None:
 
 
 def run_app(request: dict) -> None:
-    """In the child: the console script ``lightning-imex-train``, then ``os._exit`` (the
-    server's stack and exit handlers are not the child's to run)."""
+    """In the child: the console script ``lightning-imex-train`` (or the script
+    ``argv[0]`` as ``__main__``), then ``os._exit`` (the server's stack and exit handlers
+    are not the child's to run)."""
     code = 1
     try:
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
@@ -179,7 +183,11 @@ def run_app(request: dict) -> None:
         sys.argv = request["argv"]
         from lightning_imex.train import main
         try:
-            main()
+            if request.get("script"):
+                sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as python SCRIPT sets it
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            else:
+                main()
             code = 0
         except SystemExit as stop:  # as the interpreter reports it
             if stop.code is None or isinstance(stop.code, int):

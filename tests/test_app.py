@@ -41,24 +41,32 @@ def config(tmp_path: Path, *overrides: str):
                                            "trainer=debug", "logger=none", *overrides])
 
 
-_SERVER: list[AppServer] = []  # this process's fork server, started at the first run that can use it
+_SERVER: list[AppServer] = []  # this process's fork server (app_server)
 
 
-def run_app(tmp_path: Path, *overrides: str, timeout: int = 300, fresh: bool = False) -> subprocess.CompletedProcess:
+def run_app(tmp_path: Path, *overrides: str, timeout: int = 300, fresh: bool | None = None
+            ) -> subprocess.CompletedProcess:
     """``lightning-imex-train`` as a user runs it, in ``tmp_path`` (warnings shown, errors in
     one line): a process of its own, forked from a server that has the imports done
     (``fork_runner``), or with ``fresh=True`` a new interpreter (what a check of the
-    warnings printed while importing needs). A run that starts processes of its own
-    (a ``strategy``) always gets a new interpreter: Lightning relaunches its command."""
+    warnings printed while importing needs). By default a run that starts processes of
+    its own (a ``strategy``) gets a new interpreter: Lightning relaunches its command."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "HYDRA_FULL_ERROR")}
-    if fresh or any(o.startswith("strategy=") for o in overrides):
+    if fresh is None:
+        fresh = any(o.startswith("strategy=") for o in overrides)
+    if fresh:
         return subprocess.run([sys.executable, "-m", "lightning_imex.train", *overrides], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=timeout)
+    return app_server().run(tmp_path, list(overrides), timeout=timeout, env=env)
+
+
+def app_server() -> AppServer:
+    """This process's fork server, started at the first run that can use it."""
     if not _SERVER:
         _SERVER.append(AppServer(Path(tempfile.mkdtemp(prefix="fork-runner-"))))
         _SERVER[0].wait_ready()
         atexit.register(_SERVER[0].close)
-    return _SERVER[0].run(tmp_path, list(overrides), timeout=timeout, env=env)
+    return _SERVER[0]
 
 
 # what Lightning prints on stderr besides warnings: its device lines, why the fit stopped,

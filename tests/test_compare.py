@@ -245,8 +245,10 @@ def test_every_recipe_plans_with_the_apps_checks(tmp_path, name):
     recipe = load_recipe(name)
     if name == "imex_cifar10_vgg" or name.endswith("_mnist"):
         pytest.skip("needs its dataset's files (run in the slow tier with synthetic files)")
-    if name == "low_precision_state":  # one storage against another at the same, given, lr
-        assert all(e.lrs == recipe.optimizers[0].lrs and len(e.lrs) == 1 for e in recipe.optimizers)
+    if name.startswith("low_precision_"):  # one storage against another at the family's one, given, lr
+        assert all(len(e.lrs) == 1 for e in recipe.optimizers)
+        assert len({(e.name.rsplit("_", 1)[0], e.lrs) for e in recipe.optimizers}) == \
+            len({e.name.rsplit("_", 1)[0] for e in recipe.optimizers})
     else:
         # the CPU recipes tune, equally, on grids of at least 4 points (issue 24)
         assert len({len(e.lrs) for e in recipe.optimizers}) == 1 and len(recipe.optimizers[0].lrs) >= 4

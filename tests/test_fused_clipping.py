@@ -6,12 +6,8 @@ multi-gradient step clipped; nothing waits on the device; bad settings fail clea
 from __future__ import annotations
 
 import copy
-import os
 import pickle
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -272,31 +268,18 @@ def test_copies_keep_the_setting_and_drop_a_pending_factor(copy_with):
     assert copied.defaults["max_grad_norm"] == 0.5 and copied._pending_clip is None
 
 
-TRITON_SCRIPT = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from triton_interpret_run import triton_for_cpu_tensors
-from test_fused_clipping import THRESHOLD, train, train_with_hook, flat
-for name in ("imex_trapezoidal", "clipped_global", "adamax"):
+def triton_interpreted() -> None:
+    """Clipping inside the Triton kernels' step gives what clipping in the closure gives, in
+    Triton's interpreter (run by test_triton_backend.py's Triton check, in its subprocess)."""
+    from triton_interpret_run import triton_for_cpu_tensors
+    for name in ("imex_trapezoidal", "clipped_global", "adamax"):
+        with triton_for_cpu_tensors() as launches:
+            ours, _ = train(name, True, clip_in_closure=False, steps=2, max_grad_norm=THRESHOLD)
+        assert launches[0] > 0
+        reference, _ = train(name, False, clip_in_closure=True, steps=2)
+        torch.testing.assert_close(flat(ours), flat(reference), rtol=1e-5, atol=1e-6)
     with triton_for_cpu_tensors() as launches:
-        ours, _ = train(name, True, clip_in_closure=False, steps=2, max_grad_norm=THRESHOLD)
-    assert launches[0] > 0
-    reference, _ = train(name, False, clip_in_closure=True, steps=2)
+        ours, untouched = train_with_hook("adamax", True, "value", ours=True)
+    assert launches[0] > 0 and all(untouched)
+    reference, _ = train_with_hook("adamax", False, "value", ours=False)
     torch.testing.assert_close(flat(ours), flat(reference), rtol=1e-5, atol=1e-6)
-with triton_for_cpu_tensors() as launches:
-    ours, untouched = train_with_hook("adamax", True, "value", ours=True)
-assert launches[0] > 0 and all(untouched)
-reference, _ = train_with_hook("adamax", False, "value", ours=False)
-torch.testing.assert_close(flat(ours), flat(reference), rtol=1e-5, atol=1e-6)
-"""
-
-
-@pytest.mark.slow  # ~10 s: Triton's interpreter in a subprocess
-def test_triton_interpreter_clips_inside_the_step(tmp_path):
-    pytest.importorskip("triton")
-    tests = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LIGHTNING_IMEX_CACHE_DIR": str(tmp_path),
-           "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(tests)], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]

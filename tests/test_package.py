@@ -109,8 +109,10 @@ def test_configs_ship_with_a_plain_install(tmp_path):
     # from a copy without build outputs: a stale build/ would hide a package missing from pyproject.toml
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
                                                                 "outputs", "multirun", "lightning_logs"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(source)],
-                   check=True, capture_output=True, timeout=300)
+    # built with this environment's setuptools (torch requires it): an isolated build would
+    # install setuptools again, most of the install's time
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(site), str(source)], check=True, capture_output=True, timeout=300)
     code = ("import lightning_imex, lightning_imex.train\n"
             "from hydra import compose, initialize_config_module\n"
             "with initialize_config_module(config_module='lightning_imex.conf', version_base='1.3'):\n"

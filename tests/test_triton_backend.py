@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bitwise import triton_check
 from triton_interpret_run import CHECKS, adam_event, every_operator_event
 
 from lightning_imex.optim.toolkit import kernel_buffers
@@ -42,6 +43,16 @@ def interpreted(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_interpreted_kernel_agrees_with_eager(interpreted, check):
     assert interpreted[check] == "ok", interpreted[check]
+
+
+@pytest.mark.slow  # about 30 s: Triton's interpreter over every case of the five modules
+def test_narrow_state_rounded_writes_and_clipping_in_the_step_on_triton(tmp_path):
+    """Every case that those modules compare bit for bit on the eager and C paths (8-bit
+    and bfloat16 state, Kahan and stochastic parameter rounding, shard offsets) gives the
+    same bits with the Triton backend standing in for the C one, and clipping inside the
+    step agrees with clipping in the closure: one subprocess for all."""
+    triton_check(["test_state_8bit", "test_state_dtype", "test_param_rounding", "test_sharded_rounding",
+                  "test_fused_clipping"], tmp_path)
 
 
 def cuda_signature(kernel: Kernel) -> dict[str, str]:

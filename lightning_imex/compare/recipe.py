@@ -48,8 +48,9 @@ CONFIGS = "lightning_imex.conf"
 SECONDS_PER_EVALUATION = {"adam_logreg": 6.8e-3, "adam_mlp": 7.2e-3, "adamomentum_cnn": 8.1e-3,
                           "adamomentum_lm": 68e-3, "clipped_adam_ema": 4.0e-3, "imex_gaussians": 5.6e-3,
                           "imex_lorenz63": 3.7e-3, "imex_mnist1d": 6.4e-3, "imex_spirals": 5.4e-3,
-                          # imex_spirals' network and data (its one compare ran on a loaded machine: 1.5e-2)
-                          "low_precision_state": 5.4e-3}
+                          # the network and data of imex_spirals and of adamomentum_lm (their own
+                          # compares ran on a loaded machine: 1.5e-2 for low_precision_state)
+                          "low_precision_state": 5.4e-3, "low_precision_lm": 68e-3}
 # A run's whole fit (start-up, validations, test, checkpoints) over its training steps' time:
 # 1.34-1.52 in those two compares
 FIT_OVER_TRAIN = 1.5
