@@ -14,7 +14,7 @@ auto| over the final weights (the sharded checkpoint consolidated against the pl
 one), ``moved``: how far the first auto fit's weights moved, ``tested``: the plain
 model's test metrics from the first consolidated checkpoint; ``ema_export``: max |FSDP -
 auto| over the exported EMA weights, which loaded into the plain model; ``ema_ranks`` per
-sharded phase and rank: ``collectives``, those called inside ``EMA.update`` (``calls``),
+sharded phase and rank: ``collectives``, those called inside ``EMA.update`` (``in_updates``),
 the updates and whether they averaged shards, and (fits) ``root_swap``, the swap of a
 root unit that holds weights (:func:`swap_a_gathered_root`); the exit codes of every
 phase (the killed ranks': -9). And ``lightning-imex-compare`` on the tiny recipe
@@ -42,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from fork_runner import run_app  # noqa: E402  (tests/, this script's folder)
-from lightning_imex import train as app  # noqa: E402
+from collectives import count_collectives  # noqa: E402  (tests/, this script's folder)
+from fork_runner import run_app  # noqa: E402
 from lightning_imex.ema import EMA  # noqa: E402
+from lightning_imex import train as app  # noqa: E402
 from lightning_imex.sharding import consolidate, shard_blocks  # noqa: E402
 
 WORLD = 2
@@ -171,41 +172,6 @@ def plain_model_parallel_ema(folder: Path, sharded: bool, resume_from: Path | No
         torch.save({**weights, "updates": ema.updates}, folder / "weights.pt")
 
 
-def count_collectives_in_ema_updates() -> dict:
-    """Counts, from now on in this process, the collectives called inside ``EMA.update``
-    (all-gathers and the other c10d collectives, DTensor's gathers and redistributions),
-    and the updates, and whether they averaged shards."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    counts = {"calls": 0, "updates": 0, "sharded": True}
-    inside = [False]
-
-    def counted(function):
-        def wrapper(*args, **kwargs):
-            counts["calls"] += inside[0]
-            return function(*args, **kwargs)
-        return wrapper
-
-    for name in ("all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor",
-                 "barrier"):
-        setattr(dist, name, counted(getattr(dist, name)))
-    DTensor.full_tensor, DTensor.redistribute = counted(DTensor.full_tensor), counted(DTensor.redistribute)
-    update = EMA.update
-
-    def counted_update(self):
-        counts["updates"] += 1
-        counts["sharded"] &= self.sharded
-        inside[0] = True
-        try:
-            update(self)
-        finally:
-            inside[0] = False
-
-    EMA.update = counted_update
-    return counts
-
-
 def swap_a_gathered_root() -> dict:
     """EMA swaps on an FSDP2 module whose root unit holds weights (the app's networks leave
     the root none), which a forward without backward leaves gathered: the outputs on the
@@ -242,7 +208,7 @@ def rank_environment(rank: int, port: int) -> dict[str, str]:
 
 def run_rank(rank: int, port: int, out: Path, phase: str) -> None:
     os.environ.update(rank_environment(rank, port))
-    collectives = count_collectives_in_ema_updates()
+    collectives = count_collectives()
     results = {}
     if phase == "fits":
         for name in CONFIGS:

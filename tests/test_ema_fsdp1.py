@@ -36,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lightning_imex.callbacks import ModelEMA  # noqa: E402
-from lightning_imex.ema import EMA  # noqa: E402
+from collectives import count_collectives  # noqa: E402
 
 WORLD, GLOBAL_BATCH = 2, 16
 STEPS, EVERY, KILL = 6, 3, 5  # validation and checkpoints at steps 3 and 6 (an epoch each); the kill at 5
@@ -172,37 +172,6 @@ def weights_after_test(checkpoint: Path) -> dict:
                                                  state_dict_type="sharded"))
     trainer.test(Net(), data(True)[1], ckpt_path=checkpoint, verbose=False)
     return get_model_state_dict(trainer.strategy.model, options=StateDictOptions(full_state_dict=True))
-
-
-def count_collectives() -> dict:
-    """Counts the collectives called in this process, in all and inside ``EMA.update``."""
-    import torch.distributed as dist
-
-    counts = {"in_updates": 0, "all": 0, "updates": 0}
-    inside = [False]
-
-    def counted(function):
-        def wrapper(*args, **kwargs):
-            counts["all"] += 1
-            counts["in_updates"] += inside[0]
-            return function(*args, **kwargs)
-        return wrapper
-
-    for name in ("all_gather_into_tensor", "_all_gather_base", "all_gather", "all_reduce", "broadcast",
-                 "reduce_scatter_tensor", "_reduce_scatter_base", "barrier"):
-        setattr(dist, name, counted(getattr(dist, name)))
-    update = EMA.update
-
-    def counted_update(self):
-        counts["updates"] += 1
-        inside[0] = True
-        try:
-            update(self)
-        finally:
-            inside[0] = False
-
-    EMA.update = counted_update
-    return counts
 
 
 def run_rank(rank: int, port: int, out: Path, phase: str) -> None:
