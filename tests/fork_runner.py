@@ -202,5 +202,20 @@ def run_app(request: dict) -> None:
         os._exit(code)
 
 
+def forked(target, *args) -> list[int]:
+    """Runs ``target(*a)`` for each argument tuple ``a`` in a forked process at once (the
+    ranks of a gloo test), and their exit codes once all have ended."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=target, args=a) for a in args]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    return [process.exitcode for process in processes]
+
+
 if __name__ == "__main__":
     serve()
+

@@ -43,7 +43,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from collectives import count_collectives  # noqa: E402  (tests/, this script's folder)
-from fork_runner import run_app  # noqa: E402
+from fork_runner import forked, run_app  # noqa: E402
 from lightning_imex.ema import EMA  # noqa: E402
 from lightning_imex import train as app  # noqa: E402
 from lightning_imex.sharding import consolidate, shard_blocks  # noqa: E402
@@ -319,13 +319,7 @@ def in_process(target, *args) -> int:
 
 def in_ranks(out: Path, phase: str) -> list[int]:
     port = free_port()
-    context = mp.get_context("fork")
-    processes = [context.Process(target=run_rank, args=(rank, port, out, phase)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
-    return [process.exitcode for process in processes]
+    return forked(run_rank, *[(rank, port, out, phase) for rank in range(WORLD)])
 
 
 def main(out: Path) -> None:

@@ -29,7 +29,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lightning_imex.callbacks import ModelEMA  # noqa: E402
 from collectives import count_collectives  # noqa: E402
+from fork_runner import forked  # noqa: E402
 
 WORLD, GLOBAL_BATCH = 2, 16
 STEPS, EVERY, KILL = 6, 3, 5  # validation and checkpoints at steps 3 and 6 (an epoch each); the kill at 5
@@ -205,16 +205,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def forked(target, *args) -> list[int]:
-    context = mp.get_context("fork")
-    processes = [context.Process(target=target, args=a) for a in args]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
-    return [process.exitcode for process in processes]
 
 
 def main(out: Path) -> None:
