@@ -267,20 +267,26 @@ class ElementwiseOptimizer(Optimizer):
         :func:`scratch_storage` says; ``relative_events``: the step's events with its
         parameter sums held relative to ``p``, which batches with narrow scratch run instead."""
         split: dict[tuple, list[Tensor]] = defaultdict(list)
+        states: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
         kahan = group["param_rounding"] == "kahan"
+        first_buffer = self.state_buffers[0]
         for p in group["params"]:
-            if p.grad is None and not (without_grad and p.requires_grad):
+            grad = p.grad
+            if grad is None and not (without_grad and p.requires_grad):
                 continue
-            if p.grad is not None and p.grad.is_sparse:  # refused before any state exists
+            if grad is not None and grad.is_sparse:  # refused before any state exists
                 raise sparse_error(type(self).__name__, p)
             state = self.state[p]
             if not state:
                 self._init_state(state, p, self._state_dtype(group, p))
-            # by value: a loaded state may hold tensors (torch's Adam keeps ``step`` as one),
-            # which would hash by identity and make every parameter a batch of its own
-            key = tuple(x.item() if isinstance(x, Tensor) else x for x in self._state_key(state))
-            eight_bit = state[self.state_buffers[0]].dtype == torch.uint8
-            split[(p.device, p.dtype, reduction_key(p), eight_bit, *key)].append(p)
+            if type(state["step"]) is not int:
+                # a loaded state may hold a tensor (torch's Adam keeps ``step`` as one), which
+                # would hash by identity and make every parameter a batch of its own
+                state["step"] = int(state["step"])
+            key = (p.device, p.dtype, reduction_key(p), state[first_buffer].dtype == torch.uint8,
+                   *self._state_key(state))
+            split[key].append(p)
+            states[key].append(state)
             if kahan:
                 state.setdefault(KAHAN_STATE, torch.zeros_like(p, memory_format=torch.preserve_format))
             else:  # a loaded compensation this group does not use: its error is dropped, as a rounded store would
@@ -297,14 +303,14 @@ class ElementwiseOptimizer(Optimizer):
             places = {id(p): first + i for i, p in enumerate(group["params"])}
         batches = []
         for key, params in split.items():
-            states = [self.state[p] for p in params]
-            buffers = {"p": params, "m": [s[self.state_buffers[0]] for s in states],
-                       "v": [s[self.state_buffers[1]] for s in states]}
+            batch_states = states[key]
+            buffers = {"p": params, "m": [s[first_buffer] for s in batch_states],
+                       "v": [s[self.state_buffers[1]] for s in batch_states]}
             if kahan:
-                buffers[KAHAN] = [s[KAHAN_STATE] for s in states]
+                buffers[KAHAN] = [s[KAHAN_STATE] for s in batch_states]
             quantized = QUANTIZED_MOMENTS if key[3] else {}  # key[3]: the moments are 8-bit
             for name, state_name in zip(quantized, self.state_buffers):  # "m", "v" in state_buffers' order
-                buffers[quant_scales(name)] = [s[quant_scales(state_name)] for s in states]
+                buffers[quant_scales(name)] = [s[quant_scales(state_name)] for s in batch_states]
             scratch_dtype = scratch_storage(group, key[1], key[3])  # key[1]: p.dtype
             narrow = bool(scratch) and scratch_dtype in NARROW_SCRATCH and scratch_dtype != key[1]
             typed = dict.fromkeys(scratch, scratch_dtype)
@@ -315,7 +321,7 @@ class ElementwiseOptimizer(Optimizer):
             keys = [tensor_key(group["seed"], places[id(p)]) for p in params] if batch_stochastic else []
             batch = self._batch(params, buffers, select_backend(group["fused"], params), batch_stochastic, keys,
                                 quantized, scratch=typed)
-            batch.values, batch.step = scalars(key[4:]), int(key[4])
+            batch.values, batch.step, batch.states = scalars(key[4:]), int(key[4]), batch_states
             batch.rewrites = relative_events if narrow and relative_events else {}
             batches.append(batch)
         return batches
@@ -363,8 +369,9 @@ class ElementwiseOptimizer(Optimizer):
 
     def _count_step(self, batches: Iterable[Batch]) -> None:
         for batch in batches:
-            for p in batch.params:  # a loaded tensor step becomes a number: no .item() per later step
-                self.state[p]["step"] = int(self.state[p]["step"]) + 1
+            done = batch.step + 1
+            for state in batch.states:
+                state["step"] = done
 
     # Global-norm gradient clipping inside the step (docs/optimizer-core.md, "Clipping in
     # the step"): one reduction over every gradient, then the factor

@@ -89,12 +89,26 @@ def select_backend(fused: bool | None, params: Sequence[Tensor]) -> CompiledBack
         return backend
     if not usable:
         return None
-    return backend if device.type != "cpu" or sum(p.numel() for p in params) >= COMPILED_MIN_NUMEL else None
+    if device.type != "cpu":
+        return backend
+    total = 0
+    for p in params:  # counted only as far as needed: this runs for every batch at every step
+        total += p.numel()
+        if total >= COMPILED_MIN_NUMEL:
+            return backend
+    return None
+
+
+# Plain tensors: what a step meets per parameter, every step; the checks below are its
+# hot path (a missing attribute costs an exception, a detach a new tensor object).
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def local_tensor(t: Tensor) -> Tensor:
     """The tensor a kernel updates: the local shard of a DTensor (FSDP2), as real numbers
     for a complex tensor, detached: a plain view of the same storage."""
+    if type(t) in _PLAIN and not t.requires_grad and not t.is_complex():
+        return t  # a gradient or a state tensor: nothing to detach
     to_local = getattr(t, "to_local", None)
     t = (to_local() if to_local is not None else t).detach()
     return torch.view_as_real(t) if t.is_complex() else t
@@ -104,7 +118,7 @@ def reduction_key(t: Tensor) -> tuple | None:
     """What a sum over ``t``'s local elements must be summed over to cover the whole
     tensor: None for an ordinary tensor, (mesh, the mesh dimensions it is sharded on) for
     a DTensor (FSDP2)."""
-    mesh = getattr(t, "device_mesh", None)
+    mesh = getattr(t, "device_mesh", None) if type(t) not in _PLAIN else None
     if mesh is None:
         return None
     return mesh, tuple(dim for dim, placement in enumerate(t.placements) if placement.is_shard())
@@ -166,7 +180,8 @@ class Batch:
     (``buffers``: name -> one tensor per parameter, ``"p"`` included) as the kernels see
     them, and the compiled path's pointer tables. Built once and reused by later steps
     while :meth:`matches` (the optimizer keeps it); ``values``, the step's named scalars,
-    and ``step``, the completed steps (salting stochastic rounding), are set every step.
+    ``step``, the completed steps (salting stochastic rounding), and ``states``, the
+    parameters' optimizer states, are set every step.
     ``stochastic``: the buffers whose stores round stochastically, with one key per
     parameter in ``keys`` (:func:`~.program.tensor_key`) and, in ``offsets``, the offset of
     each parameter's local shard in the whole tensor (:func:`shard_offset`). ``quantized``:
@@ -177,6 +192,7 @@ class Batch:
                  stochastic: Sequence[str] = (), keys: Sequence[int] = (),
                  quantized: Mapping[str, str] | None = None) -> None:
         self.params, self.backend, self.values, self.step = params, backend, {}, 0
+        self.states: list[dict] = []  # the parameters' optimizer states, set with ``step``
         self.rewrites: Mapping[Event, Event] = {}  # events the optimizer runs in another form on this batch
         self.stochastic, self.keys, self.quantized = tuple(stochastic), tuple(keys), dict(quantized or {})
         self.offsets = tuple(map(shard_offset, params)) if self.stochastic else ()

@@ -498,6 +498,7 @@ def mix32(x: int) -> int:
     return x ^ (x >> 16)
 
 
+@lru_cache(maxsize=1 << 16)  # asked for every parameter at every step
 def tensor_key(seed: int, index: int) -> int:
     return mix32(mix32(seed) ^ index)
 
