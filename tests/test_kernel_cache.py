@@ -286,3 +286,31 @@ def test_tampered_triton_source_is_not_imported(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=f"owned by uid {OTHER_UID}"):
         _import_kernel(source)
     assert not marker.exists() and path.read_text() == source
+
+
+def test_private_directories_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    """A private directory left by a killed process goes once it is a day old; a live
+    process's, a recent one, one with another mode, and names not ours stay."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(cache, "_private", None)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    day = cache.STALE_PRIVATE_SECONDS
+
+    def made(name: str, mode: int = 0o700, age: float = 2 * day) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "imex_x.so").write_bytes(b"x")
+        path.chmod(mode)
+        old = path.stat().st_mtime - age
+        os.utime(path, (old, old))
+        return path
+
+    stale = made(f"lightning_imex-{dead}-abc")
+    kept = [made(f"lightning_imex-{os.getpid()}-live"), made(f"lightning_imex-{dead}-recent", age=day / 2),
+            made(f"lightning_imex-{dead}-shared", mode=0o755), made(f"lightning_imex-x{dead}-odd"),
+            made(f"other-{dead}-abc")]
+    mine = cache.private_dir()
+    assert not stale.exists()
+    assert all(path.is_dir() for path in kept)
+    assert mine.parent == tmp_path and mine.name.startswith(f"lightning_imex-{os.getpid()}-")

@@ -16,7 +16,8 @@ Loading code runs it, so a cached artifact is used only when
 Owners and modes are read with ``fstat`` from descriptors opened without following a
 final symbolic link, so what is checked is what is read, and nothing depends on access
 errors (which root never gets). The verified bytes are then copied into a private
-per-process directory (``mkdtemp``: mode 0700, removed at exit) and loaded from there,
+per-process directory (``mkdtemp``: mode 0700, removed at exit, or, after a SIGKILL, by
+a later process a day on) and loaded from there,
 so nothing can swap or truncate a file between its check and ``dlopen`` or ``import``
 (truncating a library that a process has mapped kills it with SIGBUS). A copy costs
 one write of a few kB per kernel, once per process, and needs no ``/proc``.
@@ -37,11 +38,13 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["cache_dir", "secure_dir", "load_verified", "store", "cached", "private_dir", "private_copy", "owner_problem"]
+__all__ = ["cache_dir", "secure_dir", "load_verified", "store", "cached", "private_dir", "private_copy", "owner_problem",
+           "remove_stale_private_dirs"]
 
 DIGEST_SUFFIX = ".sha256"
 _HOW_TO_FIX = ("set LIGHTNING_IMEX_CACHE_DIR to a directory that you own and only you can write to "
@@ -152,15 +155,56 @@ def cached(kind: str, name: str, build: Callable[[], bytes]) -> bytes:
     return data
 
 
+PRIVATE_PREFIX = "lightning_imex-"
+# A private directory outlives its process only when that process was killed (SIGKILL,
+# the OOM killer): removed by a later process, once it is this old and its process gone.
+# The age guards against a live process of another PID namespace sharing the directory.
+STALE_PRIVATE_SECONDS = 24 * 3600
+
+
 def private_dir() -> Path:
-    """This process's private directory (mode 0700, removed at exit): kernels are built
-    and loaded there."""
+    """This process's private directory (mode 0700, named by its process ID, removed at
+    exit): kernels are built and loaded there. Making one removes those of this user's
+    killed processes (:func:`remove_stale_private_dirs`)."""
     global _private
     with _lock:
         if _private is None or _private[0] != os.getpid():  # a forked child makes its own
-            _private = os.getpid(), Path(tempfile.mkdtemp(prefix="lightning_imex-"))
+            remove_stale_private_dirs()
+            _private = os.getpid(), Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-"))
             atexit.register(_remove_private, *_private)
         return _private[1]
+
+
+def remove_stale_private_dirs(now: float | None = None) -> None:
+    """Removes the private directories in the temporary directory that belong to this user,
+    are older than :data:`STALE_PRIVATE_SECONDS` and whose process no longer runs. Anything
+    else (another user's, a live process's, a name or mode not ours) is left alone."""
+    root, now = Path(tempfile.gettempdir()), time.time() if now is None else now
+    try:
+        entries = list(root.glob(f"{PRIVATE_PREFIX}*-*"))
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(PRIVATE_PREFIX):].split("-", 1)[0]
+        try:
+            info = entry.lstat()  # not following a link
+        except OSError:
+            continue
+        if (not pid.isdigit() or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
+                or stat.S_IMODE(info.st_mode) != 0o700 or now - info.st_mtime < STALE_PRIVATE_SECONDS
+                or _running(int(pid))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
 
 
 def _remove_private(pid: int, directory: Path) -> None:

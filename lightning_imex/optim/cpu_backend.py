@@ -129,8 +129,8 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     the scales of 8-bit buffers follow, in ``storage.quantized`` order. ``partial[block]``
     receives the block's sum of squares of ``kernel.reduce`` when there is one. With 8-bit
     buffers a block is walked one QUANT_BLOCK at a time (blocks start at multiples of it):
-    its scales are read once, its new values wait in a QUANT_BLOCK-sized array (in L1)
-    until all are known, then its scale is found and its codes stored."""
+    its scales are read once, its new values wait in a QUANT_BLOCK-sized array (in L1),
+    their largest magnitude found as they are computed, then its scale and codes are stored."""
     if not isinstance(storage, Storage):
         storage = Storage.of(kernel, storage)
     compute = "double" if storage.compute == torch.float64 else "float"
@@ -190,8 +190,13 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
         lines.append("      const uint32_t first = shard_first + (uint32_t)s;  /* the element index of o = 0 */")
     # omp simd: the elements are independent and the buffers distinct, which the compiler
     # cannot prove past a few pointers (it would not vectorize); a vectorized sum without
-    # relaxing the math elsewhere
-    lines.append("      #pragma omp simd" + (" reduction(+:sum)" if kernel.reduce is not None else ""))
+    # relaxing the math elsewhere. An 8-bit output's block scale (its largest magnitude,
+    # NaN ignored) is found in the same pass: max is exact in any order.
+    absmaxes = [f"absmax{index[name]}" for name, _ in storage.quantized if name in kernel.outputs]
+    if absmaxes:
+        lines.append(f"      float {', '.join(f'{a} = 0.0f' for a in absmaxes)};")
+    lines.append("      #pragma omp simd" + (" reduction(+:sum)" if kernel.reduce is not None else "")
+                 + (f" reduction(max:{', '.join(absmaxes)})" if absmaxes else ""))
     lines += ["      for (int32_t o = 0; o < n; ++o) {", "        const int64_t i = s + o;"]
     lines += body
     if kernel.reduce is not None:
@@ -199,7 +204,9 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     lines += [f"        const uint32_t hash{q} = mix32((first + (uint32_t)o) ^ stream{q});" for q in pairs]
     for name, node in kernel.writes:
         if name in quantized:
-            lines.append(f"        values{index[name]}[o] = (float)x{node};")
+            k = index[name]
+            lines += [f"        values{k}[o] = (float)x{node};",
+                      f"        {{ const float a = fabsf(values{k}[o]); absmax{k} = a > absmax{k} ? a : absmax{k}; }}"]
             continue
         if name in slots:
             store = _STOCHASTIC_STORE.format(v=f"x{node}", q=slots[name][0], shift=16 * slots[name][1])
@@ -211,12 +218,8 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
         if name in kernel.outputs:  # the scale (NaN ignored), then the codes
             k, signed = index[name], kind == "signed"
             lines += ["      {",
-                      "        float absmax = 0.0f;",
-                      "        #pragma omp simd reduction(max:absmax)",
-                      f"        for (int32_t o = 0; o < n; ++o) {{ const float a = fabsf(values{k}[o]); "
-                      "absmax = a > absmax ? a : absmax; }",
-                      f"        scale{k}[s / {QUANT_BLOCK}] = absmax;",
-                      "        const double divisor = absmax > 0.0f ? absmax : 1.0f, reciprocal = 1.0 / divisor;",
+                      f"        scale{k}[s / {QUANT_BLOCK}] = absmax{k};",
+                      f"        const double divisor = absmax{k} > 0.0f ? absmax{k} : 1.0f, reciprocal = 1.0 / divisor;",
                       *(["        const double below = -divisor * 0x1p-150;"] if signed else []),
                       "        #pragma omp simd",
                       f"        for (int32_t o = 0; o < n; ++o) buf{k}[s + o] = "
