@@ -9,7 +9,7 @@ import torch
 
 from lightning_imex.optim.cpu_backend import BACKEND
 from lightning_imex.optim.kernel import Batch
-from lightning_imex.optim.program import QUANT_BLOCK, QUANT_MAPS, Event, tensor
+from lightning_imex.optim.program import QUANT_BLOCK, QUANT_MAPS, Event, quant_map_bias, tensor
 
 pytestmark = pytest.mark.skipif(not BACKEND.available(torch.device("cpu"), torch.float32),
                                 reason="no C compiler")
@@ -21,7 +21,7 @@ def both_paths(values: torch.Tensor, target: torch.Tensor, **storage) -> list[to
     for backend in (None, BACKEND):
         buffers = {"p": [values], "m": [target.clone()]}
         if "quantized" in storage:
-            buffers["m_absmax"] = [torch.full((values.numel() // QUANT_BLOCK,), -1.0)]
+            buffers["m_scales"] = [torch.full((values.numel() // QUANT_BLOCK,), -1.0)]
         Batch([values], buffers, backend, **storage).run(Event(gradient=0, writes={"m": tensor("p")}), [None])
         results.append(torch.cat([buffers[name][0].view(torch.uint8).reshape(-1) for name in sorted(buffers)
                                   if name != "p"]))
@@ -48,14 +48,13 @@ def ulps_around(x: torch.Tensor, count: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", list(QUANT_MAPS))
 def test_8bit_codes_match_eager_at_the_maps_boundaries(kind):
-    """Values within a few ulps of the midpoints between neighbouring codes (where C's
-    truncation must act as the eager path's floor and its quotient by the scale must be
-    the correctly rounded one), both signs, under scales that are not powers of two; and
+    """Values within a few ulps of the boundaries between neighbouring codes (where C's
+    quotient by the scale must be the correctly rounded one), both signs, under scales that are not powers of two; and
     values whose quotient by the scale is at or next to -2^-150, below which it rounds to
     -0 (code 0) rather than to -2^-149 (code 128 when signed)."""
-    levels = QUANT_MAPS[kind][0]
-    k = torch.arange(int(levels), dtype=torch.float64) + 0.5
-    midpoints = (k / levels) ** (2 if kind == "signed" else 4)
+    # where the rounded 3 leading mantissa bits step: bits 2^19 past a code's
+    k = torch.arange(QUANT_MAPS[kind], dtype=torch.int32)
+    midpoints = (((k + quant_map_bias(kind)) << 20) + (1 << 19)).view(torch.float32).double()
     blocks = []
     for scale in (1.0, 3.0, 0.7, 12345.678):
         ladder = ulps_around((midpoints * scale).float(), 4)

@@ -63,9 +63,9 @@ def test_scratch_is_narrow_with_narrow_state_and_no_value_of_it_outlives_a_step(
         weight, bias = net[0].weight, net[0].bias
         expected = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, "8bit": torch.uint8}[state_dtype]
         scratch = opt._scratch[weight]
-        assert {t.dtype for name, t in scratch.items() if not name.endswith("_absmax")} == {expected}
+        assert {t.dtype for name, t in scratch.items() if not name.endswith("_scales")} == {expected}
         if state_dtype == "8bit":  # a scale per block; a bias below one block keeps float32 scratch
-            assert {t.shape for name, t in scratch.items() if name.endswith("_absmax")} == {(5,)}
+            assert {t.shape for name, t in scratch.items() if name.endswith("_scales")} == {(5,)}
             assert {t.dtype for t in opt._scratch[bias].values()} == {torch.float32}
         assert_same_bits(train(tableau, reuse, state_dtype, spoil=True), (net, opt))
 

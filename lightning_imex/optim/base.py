@@ -142,6 +142,19 @@ def gradient_flags(group: dict[str, Any]) -> tuple[bool, bool, bool]:
 _BATCH_CACHE_SIZE = 64
 
 
+# 8-bit moments saved before the maps were small floats (program.py, "8-bit blockwise
+# state") kept their scales under "<name>_absmax" and coded m as round(127 sqrt(|x|)) and v
+# as round(255 x^(1/4)): such a checkpoint loads through float32, never as codes.
+LEGACY_SCALES = "{}_absmax"
+
+
+def legacy_dequantize(codes: Tensor, scales: Tensor, kind: str) -> Tensor:
+    k = (codes & 127 if kind == "signed" else codes).to(torch.float32)
+    x = (k * k) / (127.0**2 if kind == "signed" else 255.0**2)
+    x = torch.where(codes >= 128, -x, x) if kind == "signed" else x * x
+    return x * scales.to(codes.device, torch.float32)[element_offsets(codes) // QUANT_BLOCK]
+
+
 class ElementwiseOptimizer(Optimizer):
     """An optimizer with two state buffers per parameter (named by ``state_buffers``; its
     programs call them ``m`` and ``v``) whose step runs element-wise programs on the path
@@ -201,7 +214,11 @@ class ElementwiseOptimizer(Optimizer):
             saved = state_dict["state"].get(index, {})
             for (name, kind) in zip(self.state_buffers, QUANTIZED_MOMENTS.values()):
                 if isinstance(saved.get(name), Tensor):
-                    self._load_moment(self.state[p], p, group, name, kind, saved[name], saved.get(quant_scales(name)))
+                    moment, scales = saved[name], saved.get(quant_scales(name))
+                    if moment.dtype == torch.uint8 and scales is None and LEGACY_SCALES.format(name) in saved:
+                        moment = legacy_dequantize(moment, saved[LEGACY_SCALES.format(name)], kind)
+                    self.state[p].pop(LEGACY_SCALES.format(name), None)
+                    self._load_moment(self.state[p], p, group, name, kind, moment, scales)
 
     def _load_moment(self, state: dict[str, Any], p: Tensor, group: dict[str, Any], name: str, kind: str,
                      saved: Tensor, scales: Tensor | None) -> None:

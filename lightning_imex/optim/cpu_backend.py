@@ -34,8 +34,8 @@ from torch import Tensor
 
 from . import cache
 from .toolkit import PROBE_KERNEL, kernel_buffers
-from .program import (MIX32_MULTIPLIERS, QUANT_BLOCK, QUANT_MAPS, Kernel, Storage, dequantize, quant_scales,
-                      stochastic_slots)
+from .program import (MIX32_MULTIPLIERS, QUANT_BLOCK, QUANT_MAPS, Kernel, Storage, dequantize, quant_map_bias,
+                      quant_scales, stochastic_slots)
 
 __all__ = ["BACKEND", "CBackend", "c_source"]
 
@@ -100,20 +100,23 @@ static inline float dequant_unsigned(uint8_t c, float scale) { return dequant_un
    (over 2^-49 relative, as such a midpoint needs a 25-bit significand), so x is the
    correctly rounded quotient wherever the code can be non-zero; a quotient below 2^-126
    has code 0 either way, and the sign bit is tested exactly, on v itself: x < 0 exactly
-   when v / divisor < -2^-150 ("below"). |x| <= 1, so r + 0.5 lies in [0.5, 256) or is
-   NaN: truncation is floor there, and it vectorizes (floorf does not unless exceptions
-   are declared away). */
+   when v / divisor < -2^-150 ("below"). A code's magnitude comes from the bits of |x|
+   (program.quantize: |x| <= 1, so no overflow; NaN gives 0). */
+static inline uint32_t float_code(float a, int32_t bias) {
+    int32_t u; memcpy(&u, &a, 4);
+    const int32_t k = ((u + (1 << 19)) >> 20) - bias;
+    return a == a && k > 0 ? (uint32_t)k : 0u;
+}
 static inline uint8_t quant_signed(float v, double reciprocal, double below) {
-    const float x = (float)((double)v * reciprocal), r = sqrtf(fabsf(x)) * %(s1)sf;
-    const uint32_t k = r >= 0.0f ? (uint32_t)(int32_t)(r + 0.5f) : 0u;
+    const uint32_t k = float_code(fabsf((float)((double)v * reciprocal)), %(signed_bias)d);
     return (uint8_t)((double)v < below ? k | 128u : k);
 }
 static inline uint8_t quant_unsigned(float v, double reciprocal) {
-    const float x = (float)((double)v * reciprocal), r = sqrtf(sqrtf(x > 0.0f ? x : 0.0f)) * %(u1)sf;
-    return (uint8_t)(r >= 0.0f ? (uint32_t)(int32_t)(r + 0.5f) : 0u);
+    const float x = (float)((double)v * reciprocal);
+    return (uint8_t)float_code(x > 0.0f ? x : 0.0f, %(unsigned_bias)d);
 }
-""" % dict(m0=MIX32_MULTIPLIERS[0], m1=MIX32_MULTIPLIERS[1], s1=QUANT_MAPS["signed"][0], u1=QUANT_MAPS["unsigned"][0],
-           tables=_dequant_tables())
+""" % dict(m0=MIX32_MULTIPLIERS[0], m1=MIX32_MULTIPLIERS[1], signed_bias=quant_map_bias("signed"),
+           unsigned_bias=quant_map_bias("unsigned"), tables=_dequant_tables())
 
 
 def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:

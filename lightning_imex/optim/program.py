@@ -39,7 +39,7 @@ __all__ = ["Expr", "Event", "Kernel", "Node", "tensor", "scalar", "runtime", "sq
            "round_bf16", "lower", "run_eager", "with_gradient", "LR", "B1", "B2", "EPS", "WD", "K", "gradient",
            "decayed", "with_compensation", "with_offset", "COMPUTE_DTYPES", "Storage", "Rounding", "mix32",
            "tensor_key", "rounding_salt", "round_stochastically", "element_offsets", "stochastic_slots", "QUANT_BLOCK",
-           "QUANT_MAPS", "quant_scales", "quant_blocks", "quantize", "dequantize"]
+           "QUANT_MAPS", "quant_map_bias", "quant_scales", "quant_blocks", "quantize", "dequantize"]
 
 # Operators by arity. Comparisons are deliberately absent: every node is a number.
 UNARY = ("neg", "abs", "sqrt", "bf16")  # bf16: rounded to the nearest bfloat16, kept as a number
@@ -424,23 +424,33 @@ class Storage:
 # 8-bit blockwise state (docs/optimizer-core.md, "8-bit state"): a buffer is stored as one
 # uint8 code per element and one float32 scale per block of QUANT_BLOCK elements (by
 # offset in the tensor's storage, so a block never straddles two tensors): the block's
-# largest magnitude (NaN ignored), 0 for an all-zero block. The maps are power maps, with
-# closed forms in a few correctly rounded float32 operations that every path computes
-# alike (x: the value divided by the scale, in [-1, 1]; k: a code's magnitude):
-#   "signed"   (m):  k = round(127 sqrt(|x|)), bit 7 the sign;  x = +-(k*k / 16129)
-#   "unsigned" (v):  k = round(255 sqrt(sqrt(x))), x < 0 -> 0;  x = (k*k / 65025)**2
-# round(r) is floor(r + 0.5) (exact for r <= 255), a NaN value gets code 0. The signed map
-# resolves down to 6e-5 of the block's largest m, the unsigned one to 2.4e-10 of its
-# largest v (1.5e-5 of the largest sqrt(v)), finer near zero, where Adam's moments crowd.
-# QUANT_BLOCK divides the compiled backends' blocks, so one program (C block, Triton
-# program) computes a block's values, its scale, then its codes.
+# largest magnitude (NaN ignored), 0 for an all-zero block. A code is a small float: of
+# x, the value divided by its block's scale (correctly rounded: |x| <= 1), it keeps the
+# exponent and the 3 leading mantissa bits, rounded half up in x's float32 bits u:
+#   k = ((u + 2^19) >> 20) - bias,  at least 0;  its value: the float32 with bits (k + bias) << 20
+# with bias chosen so that 1.0 is the largest code: the map's steps are 1/16 to 1/8 of
+# the value at every magnitude, down to the smallest code (below it, 0), where Adam's
+# moments spread over decades (a vocabulary's rare rows beside its frequent ones):
+#   "signed" (m):   7 bits (4 exponent bits, like FP8's E4M3) and bit 7 the sign; 1.0 is
+#                   code 127, the smallest 1.25 * 2^-16 (1.9e-5) of the block's largest m
+#   "unsigned" (v): 8 bits (5 exponent bits); x < 0 -> 0; 1.0 is code 255, the smallest
+#                   1.25 * 2^-32 (2.9e-10) of the block's largest v (1.7e-5 in sqrt(v))
+# A NaN value gets code 0. Every path computes these with the same integer operations on
+# the same correctly rounded quotient. QUANT_BLOCK divides the compiled backends' blocks,
+# so one program (C block, Triton program) computes a block's values, its scale, then
+# its codes.
 QUANT_BLOCK = 256
-QUANT_MAPS = {"signed": (127.0, 16129.0), "unsigned": (255.0, 65025.0)}  # (codes per sign, their square)
+QUANT_MAPS = {"signed": 127, "unsigned": 255}  # the largest code's magnitude: the value 1.0
+
+
+def quant_map_bias(kind: str) -> int:
+    """What a code's magnitude is offset by from x's float32 bits over 2^20 (see above)."""
+    return (127 << 3) - QUANT_MAPS[kind]
 
 
 def quant_scales(buffer: str) -> str:
     """The name of the per-block scales of 8-bit ``buffer``."""
-    return f"{buffer}_absmax"
+    return f"{buffer}_scales"
 
 
 def quant_blocks(numel: int) -> int:
@@ -450,25 +460,23 @@ def quant_blocks(numel: int) -> int:
 def quantize(value: Tensor, offsets: Tensor, blocks: int, kind: str) -> tuple[Tensor, Tensor]:
     """(uint8 codes of ``value`` (float32), float32 scale per block) under map ``kind``;
     ``offsets``: each element's offset in its tensor's storage (:func:`element_offsets`)."""
-    levels, _ = QUANT_MAPS[kind]
     block = (offsets // QUANT_BLOCK).reshape(-1)
     magnitude = value.abs()
     magnitude = torch.where(magnitude == magnitude, magnitude, 0.0).reshape(-1)
     scales = torch.zeros(blocks, dtype=torch.float32, device=value.device).scatter_reduce_(
         0, block, magnitude, "amax")
     x = value / torch.where(scales > 0, scales, 1.0)[block].view(value.shape)
-    r = _sqrt(x.abs()) if kind == "signed" else _sqrt(_sqrt(torch.where(x > 0, x, 0.0)))
-    r = r * levels
-    k = torch.where(r >= 0, torch.floor(r + 0.5), 0.0).to(torch.uint8)
+    magnitude = x.abs() if kind == "signed" else torch.where(x > 0, x, 0.0)
+    k = (((magnitude.view(torch.int32) + (1 << 19)) >> 20) - quant_map_bias(kind)).clamp(min=0)
+    k = torch.where(magnitude == magnitude, k, 0).to(torch.uint8)
     return (k | torch.where(x < 0, 128, 0).to(torch.uint8) if kind == "signed" else k), scales
 
 
 def dequantize(codes: Tensor, scales: Tensor, offsets: Tensor, kind: str) -> Tensor:
     """The float32 values of 8-bit ``codes`` with per-block ``scales`` (:func:`quantize`)."""
-    _, square = QUANT_MAPS[kind]
-    k = (codes & 127 if kind == "signed" else codes).to(torch.float32)
-    x = (k * k) / square
-    x = torch.where(codes >= 128, -x, x) if kind == "signed" else x * x
+    k = (codes & 127 if kind == "signed" else codes).to(torch.int32)
+    x = torch.where(k > 0, ((k + quant_map_bias(kind)) << 20).view(torch.float32), 0.0)
+    x = torch.where(codes >= 128, -x, x) if kind == "signed" else x
     return x * scales[offsets // QUANT_BLOCK]
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import cache
 from .toolkit import PROBE_KERNEL, PointerTables, kernel_buffers, to_device
-from .program import MIX32_MULTIPLIERS, QUANT_BLOCK, QUANT_MAPS, Kernel, Storage, quant_scales, stochastic_slots
+from .program import MIX32_MULTIPLIERS, QUANT_BLOCK, Kernel, Storage, quant_map_bias, quant_scales, stochastic_slots
 
 __all__ = ["BACKEND", "TritonBackend", "triton_source"]
 
@@ -64,37 +64,42 @@ def bf16_nearest(x):
 
 
 @triton.jit
+def float_value(k, bias):
+    return tl.where(k > 0, ((k + bias) << 20).to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
+def float_code(a, bias):
+    k = ((a.to(tl.int32, bitcast=True) + (1 << 19)) >> 20) - bias
+    return tl.where((a == a) & (k > 0), k, 0).to(tl.uint8)
+
+
+@triton.jit
 def dequant_signed(c, scale):
-    k = (c & 127).to(tl.float32)
-    x = tl.div_rn(k * k, tl.full(c.shape, %(s2)s, tl.float32))
+    x = float_value((c & 127).to(tl.int32), %(signed_bias)d)
     return tl.where(c >= 128, -x, x) * scale
 
 
 @triton.jit
 def dequant_unsigned(c, scale):
-    k = c.to(tl.float32)
-    x = tl.div_rn(k * k, tl.full(c.shape, %(u2)s, tl.float32))
-    return (x * x) * scale
+    return float_value(c.to(tl.int32), %(unsigned_bias)d) * scale
 
 
 @triton.jit
 def quant_signed(v, divisor):
     x = tl.div_rn(v, divisor)
-    r = tl.sqrt_rn(tl.abs(x)) * %(s1)s
-    k = tl.where(r >= 0, tl.floor(r + 0.5), 0.0).to(tl.uint8)
+    k = float_code(tl.abs(x), %(signed_bias)d)
     return tl.where(x < 0, k | 128, k).to(tl.uint8)
 
 
 @triton.jit
 def quant_unsigned(v, divisor):
     x = tl.div_rn(v, divisor)
-    r = tl.sqrt_rn(tl.sqrt_rn(tl.where(x > 0, x, 0.0))) * %(u1)s
-    return tl.where(r >= 0, tl.floor(r + 0.5), 0.0).to(tl.uint8)
+    return float_code(tl.where(x > 0, x, 0.0), %(unsigned_bias)d)
 
 
 @triton.jit
-""" % dict(s1=QUANT_MAPS["signed"][0], s2=QUANT_MAPS["signed"][1], u1=QUANT_MAPS["unsigned"][0],
-           u2=QUANT_MAPS["unsigned"][1])
+""" % dict(signed_bias=quant_map_bias("signed"), unsigned_bias=quant_map_bias("unsigned"))
 
 
 def triton_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
