@@ -148,6 +148,6 @@ def test_low_precision_state_and_kahan_parameters_fit_like_float32():
         ("bf16 kahan", torch.bfloat16, {"param_rounding": "kahan"}),
         ("bf16 nearest", torch.bfloat16, {"param_rounding": "nearest"})]}
     assert abs(relative["bf16 state"]) < 1e-3, relative  # measured 1e-5
-    assert abs(relative["8-bit state"]) < 2e-2, relative  # measured -0.6%
+    assert abs(relative["8-bit state"]) < 2e-2, relative  # measured +0.09% (-0.6% under the earlier power maps)
     assert abs(relative["bf16 kahan"]) < 1e-2, relative  # measured +0.16%
     assert relative["bf16 nearest"] > 0.1, relative  # measured +20%: stalled

@@ -106,4 +106,4 @@ def test_narrow_scratch_fits_like_float32():
     exact = regression_fit(**ssp3)
     relative = {name: regression_fit(**ssp3, state_dtype=name) / exact - 1 for name in ("bfloat16", "8bit")}
     assert abs(relative["bfloat16"]) < 1e-3, relative  # measured 4e-5
-    assert abs(relative["8bit"]) < 2e-2, relative  # measured +0.2%
+    assert abs(relative["8bit"]) < 2e-2, relative  # measured +0.25%
