@@ -198,9 +198,20 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     absmaxes = [f"absmax{index[name]}" for name, _ in storage.quantized if name in kernel.outputs]
     if absmaxes:
         lines.append(f"      float {', '.join(f'{a} = 0.0f' for a in absmaxes)};")
+    first = "0"
+    if kernel.reduce is not None and not kernel.writes and not storage.quantized:
+        # A sum and nothing else (a gradient norm): one stream of reads per thread leaves
+        # memory idle between misses, four (the block's quarters, side by side) keep it busy.
+        square = f"(double)x{kernel.reduce} * (double)x{kernel.reduce}"
+        lines += ["      const int32_t quarter = n / 4;", "      #pragma omp simd reduction(+:sum)",
+                  "      for (int32_t o = 0; o < quarter; ++o) {", "        double part0, part1, part2, part3;"]
+        for j in range(4):
+            lines += [f"        {{ const int64_t i = s + {j} * quarter + o;", *body, f"        part{j} = {square}; }}"]
+        lines += ["        sum += (part0 + part1) + (part2 + part3);", "      }"]
+        first = "4 * quarter"  # the rest, one element at a time
     lines.append("      #pragma omp simd" + (" reduction(+:sum)" if kernel.reduce is not None else "")
                  + (f" reduction(max:{', '.join(absmaxes)})" if absmaxes else ""))
-    lines += ["      for (int32_t o = 0; o < n; ++o) {", "        const int64_t i = s + o;"]
+    lines += [f"      for (int32_t o = {first}; o < n; ++o) {{", "        const int64_t i = s + o;"]
     lines += body
     if kernel.reduce is not None:
         lines.append(f"        sum += (double)x{kernel.reduce} * (double)x{kernel.reduce};")
