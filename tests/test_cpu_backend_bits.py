@@ -48,10 +48,11 @@ def ulps_around(x: torch.Tensor, count: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", list(QUANT_MAPS))
 def test_8bit_codes_match_eager_at_the_maps_boundaries(kind):
-    """Values within a few ulps of the boundaries between neighbouring codes (where C's
-    quotient by the scale must be the correctly rounded one), both signs, under scales that are not powers of two; and
-    values whose quotient by the scale is at or next to -2^-150, below which it rounds to
-    -0 (code 0) rather than to -2^-149 (code 128 when signed)."""
+    """Values within a few ulps of the boundaries between neighbouring codes, both signs,
+    under scales that are not powers of two (where C's product with the scale's
+    reciprocal must round as the eager path's); and values whose product is at or next
+    to -2^-150, below which it rounds to -0 (code 0) rather than to -2^-149 (code 128
+    when signed)."""
     # where the rounded 3 leading mantissa bits step: bits 2^19 past a code's
     k = torch.arange(QUANT_MAPS[kind], dtype=torch.int32)
     midpoints = (((k + quant_map_bias(kind)) << 20) + (1 << 19)).view(torch.float32).double()

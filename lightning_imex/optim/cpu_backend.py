@@ -93,26 +93,21 @@ static inline uint16_t bf16_store_stochastic(float f, uint32_t bits) {  /* progr
    its block's scale) is looked up in a table the generator fills from program.dequantize */
 static inline float dequant_signed(uint8_t c, float scale) { return dequant_signed_values[c] * scale; }
 static inline float dequant_unsigned(uint8_t c, float scale) { return dequant_unsigned_values[c] * scale; }
-/* x = v / divisor, the block's largest magnitude, computed as v times the divisor's
-   reciprocal in double (a multiplication instead of a float division, which shares the
-   divider with the square roots): the error, under 2^-52 relative, is below the distance
-   of a quotient of two floats from any float32 rounding midpoint in the normal range
-   (over 2^-49 relative, as such a midpoint needs a 25-bit significand), so x is the
-   correctly rounded quotient wherever the code can be non-zero; a quotient below 2^-126
-   has code 0 either way, and the sign bit is tested exactly, on v itself: x < 0 exactly
-   when v / divisor < -2^-150 ("below"). A code's magnitude comes from the bits of |x|
-   (program.quantize: |x| <= 1, so no overflow; NaN gives 0). */
+/* x = v times the reciprocal of the block's scale (program.quantize: both correctly
+   rounded float32 operations, on every path); a code's magnitude comes from the bits of
+   |x| (|x| <= 1 up to an ulp: no overflow; NaN gives 0). */
 static inline uint32_t float_code(float a, int32_t bias) {
     int32_t u; memcpy(&u, &a, 4);
     const int32_t k = ((u + (1 << 19)) >> 20) - bias;
     return a == a && k > 0 ? (uint32_t)k : 0u;
 }
-static inline uint8_t quant_signed(float v, double reciprocal, double below) {
-    const uint32_t k = float_code(fabsf((float)((double)v * reciprocal)), %(signed_bias)d);
-    return (uint8_t)((double)v < below ? k | 128u : k);
+static inline uint8_t quant_signed(float v, float reciprocal) {
+    const float x = v * reciprocal;
+    const uint32_t k = float_code(fabsf(x), %(signed_bias)d);
+    return (uint8_t)(x < 0.0f ? k | 128u : k);
 }
-static inline uint8_t quant_unsigned(float v, double reciprocal) {
-    const float x = (float)((double)v * reciprocal);
+static inline uint8_t quant_unsigned(float v, float reciprocal) {
+    const float x = v * reciprocal;
     return (uint8_t)float_code(x > 0.0f ? x : 0.0f, %(unsigned_bias)d);
 }
 """ % dict(m0=MIX32_MULTIPLIERS[0], m1=MIX32_MULTIPLIERS[1], signed_bias=quant_map_bias("signed"),
@@ -230,14 +225,12 @@ def c_source(kernel: Kernel, storage: Storage | torch.dtype) -> str:
     lines.append("      }")
     for name, kind in storage.quantized:
         if name in kernel.outputs:  # the scale (NaN ignored), then the codes
-            k, signed = index[name], kind == "signed"
+            k = index[name]
             lines += ["      {",
                       f"        scale{k}[s / {QUANT_BLOCK}] = absmax{k};",
-                      f"        const double divisor = absmax{k} > 0.0f ? absmax{k} : 1.0f, reciprocal = 1.0 / divisor;",
-                      *(["        const double below = -divisor * 0x1p-150;"] if signed else []),
+                      f"        const float reciprocal = 1.0f / (absmax{k} > 0.0f ? absmax{k} : 1.0f);",
                       "        #pragma omp simd",
-                      f"        for (int32_t o = 0; o < n; ++o) buf{k}[s + o] = "
-                      f"quant_{kind}(values{k}[o], reciprocal{', below' if signed else ''});",
+                      f"        for (int32_t o = 0; o < n; ++o) buf{k}[s + o] = quant_{kind}(values{k}[o], reciprocal);",
                       "      }"]
     lines.append("    }")
     if kernel.reduce is not None:

@@ -425,8 +425,9 @@ class Storage:
 # uint8 code per element and one float32 scale per block of QUANT_BLOCK elements (by
 # offset in the tensor's storage, so a block never straddles two tensors): the block's
 # largest magnitude (NaN ignored), 0 for an all-zero block. A code is a small float: of
-# x, the value divided by its block's scale (correctly rounded: |x| <= 1), it keeps the
-# exponent and the 3 leading mantissa bits, rounded half up in x's float32 bits u:
+# x, the value times the reciprocal of its block's scale (two correctly rounded float32
+# operations: |x| <= 1 up to an ulp, which rounds to 1.0), it keeps the exponent and the
+# 3 leading mantissa bits, rounded half up in x's float32 bits u:
 #   k = ((u + 2^19) >> 20) - bias,  at least 0;  its value: the float32 with bits (k + bias) << 20
 # with bias chosen so that 1.0 is the largest code: the map's steps are 1/16 to 1/8 of
 # the value at every magnitude, down to the smallest code (below it, 0), where Adam's
@@ -435,8 +436,8 @@ class Storage:
 #                   code 127, the smallest 1.25 * 2^-16 (1.9e-5) of the block's largest m
 #   "unsigned" (v): 8 bits (5 exponent bits); x < 0 -> 0; 1.0 is code 255, the smallest
 #                   1.25 * 2^-32 (2.9e-10) of the block's largest v (1.7e-5 in sqrt(v))
-# A NaN value gets code 0. Every path computes these with the same integer operations on
-# the same correctly rounded quotient. QUANT_BLOCK divides the compiled backends' blocks,
+# A NaN value gets code 0. Every path computes these with the same float32 and integer
+# operations. QUANT_BLOCK divides the compiled backends' blocks,
 # so one program (C block, Triton program) computes a block's values, its scale, then
 # its codes.
 QUANT_BLOCK = 256
@@ -465,7 +466,7 @@ def quantize(value: Tensor, offsets: Tensor, blocks: int, kind: str) -> tuple[Te
     magnitude = torch.where(magnitude == magnitude, magnitude, 0.0).reshape(-1)
     scales = torch.zeros(blocks, dtype=torch.float32, device=value.device).scatter_reduce_(
         0, block, magnitude, "amax")
-    x = value / torch.where(scales > 0, scales, 1.0)[block].view(value.shape)
+    x = value * torch.where(scales > 0, scales, 1.0).reciprocal()[block].view(value.shape)
     magnitude = x.abs() if kind == "signed" else torch.where(x > 0, x, 0.0)
     k = (((magnitude.view(torch.int32) + (1 << 19)) >> 20) - quant_map_bias(kind)).clamp(min=0)
     k = torch.where(magnitude == magnitude, k, 0).to(torch.uint8)

@@ -86,15 +86,15 @@ def dequant_unsigned(c, scale):
 
 
 @triton.jit
-def quant_signed(v, divisor):
-    x = tl.div_rn(v, divisor)
+def quant_signed(v, reciprocal):
+    x = v * reciprocal
     k = float_code(tl.abs(x), %(signed_bias)d)
     return tl.where(x < 0, k | 128, k).to(tl.uint8)
 
 
 @triton.jit
-def quant_unsigned(v, divisor):
-    x = tl.div_rn(v, divisor)
+def quant_unsigned(v, reciprocal):
+    x = v * reciprocal
     return float_code(tl.where(x > 0, x, 0.0), %(unsigned_bias)d)
 
 
@@ -182,9 +182,9 @@ def _quantized_store(value: str, k: int, kind: str, masked: bool, indent: str) -
             f"{indent}absmax = tl.max(tl.reshape(magnitude, ({groups}, {QUANT_BLOCK})), axis=1)",
             f"{indent}first = start // {QUANT_BLOCK} + tl.arange(0, {groups})",
             f"{indent}tl.store(scale{k} + first, absmax" + (f", mask=first * {QUANT_BLOCK} < n)" if masked else ")"),
-            f"{indent}divisor = tl.where(absmax > 0, absmax, 1.0)",
-            f"{indent}divisor = tl.reshape(tl.broadcast_to(divisor[:, None], ({groups}, {QUANT_BLOCK})), (BLOCK,))",
-            f"{indent}tl.store(buffer{k} + offsets, quant_{kind}(v, divisor){mask})"]
+            f"{indent}reciprocal = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(absmax > 0, absmax, 1.0))",
+            f"{indent}reciprocal = tl.reshape(tl.broadcast_to(reciprocal[:, None], ({groups}, {QUANT_BLOCK})), (BLOCK,))",
+            f"{indent}tl.store(buffer{k} + offsets, quant_{kind}(v, reciprocal){mask})"]
 
 
 def _per_element(kernel: Kernel) -> list[bool]:
