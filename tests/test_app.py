@@ -130,15 +130,6 @@ def test_default_job_learns_digits(tmp_path):
     assert "finished at step 420 (epoch 19)" in result.stdout
 
 
-@pytest.mark.slow  # CLI processes: the full tier runs it
-def test_multirun_gives_one_run_per_optimizer(tmp_path):
-    result = run_app(tmp_path, "-m", "optimizer=imex_trapezoidal,adam", "trainer=debug", "logger=none")
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p.parent.parent.name for p in tmp_path.glob("multirun/*/*/*/.hydra/overrides.yaml"))
-    assert runs == ["0", "1"]
-    assert result.stdout.count("finished at step 1") == 2
-
-
 @pytest.mark.slow
 def test_ddp_cpu_runs_two_processes(tmp_path):
     result = run_app(tmp_path, "strategy=ddp_cpu", "trainer.max_steps=4", "callbacks=none", "logger=none",

@@ -346,14 +346,16 @@ def test_a_folder_with_other_settings_is_refused(tiny):
 
 @pytest.mark.slow
 def test_from_reads_a_multirun_of_the_app(tmp_path):
-    app = subprocess.run([sys.executable, "-m", "lightning_imex.train", "-m",
-                          "optimizer=adam,imex_euler,imex_trapezoidal",
-                          "seed=0,1", "dataset=spirals", *SMALL, "trainer.max_steps=8", "trainer.max_epochs=-1",
-                          "trainer.val_check_interval=4", "trainer.check_val_every_n_epoch=null",
-                          "trainer.log_every_n_steps=3", "test=false", "~callbacks.rich_progress_bar",
-                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    """An app multirun (one run folder per job) read back by ``--from``."""
+    from test_app import run_app
+
+    app = run_app(tmp_path, "-m", "optimizer=adam,imex_euler,imex_trapezoidal", "seed=0,1", "dataset=spirals",
+                  *SMALL, "trainer.max_steps=8", "trainer.max_epochs=-1", "trainer.val_check_interval=4",
+                  "trainer.check_val_every_n_epoch=null", "trainer.log_every_n_steps=3", "test=false",
+                  "~callbacks.rich_progress_bar", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert app.returncode == 0, app.stderr[-3000:]
+    jobs = sorted(int(p.parent.parent.name) for p in (tmp_path / "sweep").glob("*/.hydra/overrides.yaml"))
+    assert jobs == list(range(6)) and app.stdout.count("finished at step 8") == 6
     comparison, paths = compare_from([tmp_path / "sweep"], tmp_path / "report")
     assert set(comparison.chosen) == {"adam", "imex_euler", "imex_trapezoidal"}
     evaluations = {label: [r.gradient_evaluations for r in runs] for label, runs in comparison.chosen.items()}
