@@ -283,8 +283,7 @@ class ElementwiseOptimizer(Optimizer):
         8-bit moments or not, and :meth:`_state_key`. ``scratch``: working buffers, stored as
         :func:`scratch_storage` says; ``relative_events``: the step's events with its
         parameter sums held relative to ``p``, which batches with narrow scratch run instead."""
-        split: dict[tuple, list[Tensor]] = defaultdict(list)
-        states: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        split: dict[tuple, list[tuple[Tensor, dict[str, Any]]]] = defaultdict(list)  # key -> (p, its state)
         kahan = group["param_rounding"] == "kahan"
         first_buffer = self.state_buffers[0]
         for p in group["params"]:
@@ -302,8 +301,7 @@ class ElementwiseOptimizer(Optimizer):
                 state["step"] = int(state["step"])
             key = (p.device, p.dtype, reduction_key(p), state[first_buffer].dtype == torch.uint8,
                    *self._state_key(state))
-            split[key].append(p)
-            states[key].append(state)
+            split[key].append((p, state))
             if kahan:
                 state.setdefault(KAHAN_STATE, torch.zeros_like(p, memory_format=torch.preserve_format))
             else:  # a loaded compensation this group does not use: its error is dropped, as a rounded store would
@@ -319,8 +317,8 @@ class ElementwiseOptimizer(Optimizer):
                 i for i, g in enumerate(self.param_groups) if g is group)])
             places = {id(p): first + i for i, p in enumerate(group["params"])}
         batches = []
-        for key, params in split.items():
-            batch_states = states[key]
+        for key, pairs in split.items():
+            params, batch_states = [p for p, _ in pairs], [state for _, state in pairs]
             buffers = {"p": params, "m": [s[first_buffer] for s in batch_states],
                        "v": [s[self.state_buffers[1]] for s in batch_states]}
             if kahan:

@@ -106,7 +106,8 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 def local_tensor(t: Tensor) -> Tensor:
     """The tensor a kernel updates: the local shard of a DTensor (FSDP2), as real numbers
-    for a complex tensor, detached: a plain view of the same storage."""
+    for a complex tensor, detached: a plain view of the same storage (a plain tensor that
+    needs no detaching is returned as it is)."""
     if type(t) in _PLAIN and not t.requires_grad and not t.is_complex():
         return t  # a gradient or a state tensor: nothing to detach
     to_local = getattr(t, "to_local", None)

@@ -466,7 +466,7 @@ def quantize(value: Tensor, offsets: Tensor, blocks: int, kind: str) -> tuple[Te
     magnitude = torch.where(magnitude == magnitude, magnitude, 0.0).reshape(-1)
     scales = torch.zeros(blocks, dtype=torch.float32, device=value.device).scatter_reduce_(
         0, block, magnitude, "amax")
-    x = value * torch.where(scales > 0, scales, 1.0).reciprocal()[block].view(value.shape)
+    x = value * (1.0 / torch.where(scales > 0, scales, 1.0))[block].view(value.shape)
     magnitude = x.abs() if kind == "signed" else torch.where(x > 0, x, 0.0)
     k = (((magnitude.view(torch.int32) + (1 << 19)) >> 20) - quant_map_bias(kind)).clamp(min=0)
     k = torch.where(magnitude == magnitude, k, 0).to(torch.uint8)
